@@ -1,0 +1,5 @@
+import sys
+
+from fleetprune.cli import main
+
+sys.exit(main())
