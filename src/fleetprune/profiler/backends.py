@@ -1,0 +1,125 @@
+"""Timing backends: what turns a layer configuration into a Measurement on one device.
+
+``TorchTimingBackend`` builds the layer and times it for real. ``FakeTimingBackend`` computes a
+deterministic latency from MACs so that cluster placement tests and benchmarks can run without
+timing anything; its device fingerprint says ``fake`` so its tables never pass for real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fleetprune.errors import DeviceError, ProfileError
+from fleetprune.profiler.device import DeviceInfo, cpu_device
+from fleetprune.profiler.layers import build_layer
+from fleetprune.profiler.timing import Measurement, TimingProtocol, time_callable, tune_allocator
+from fleetprune.tables.config import LayerConfig
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class TimingBackend(Protocol):
+    """Anything that measures layer configurations on one device."""
+
+    device: DeviceInfo
+
+    def measure(self, config: LayerConfig) -> Measurement:
+        """Latency statistics of ``config`` on ``self.device``."""
+        ...
+
+
+class TorchTimingBackend:
+    """Builds each configuration with torch and times it on a real local device.
+
+    On the CPU it tunes the glibc allocator in this process and times with ``device.threads``
+    threads; on CUDA it times with CUDA events and ``cudnn.benchmark`` on.
+    """
+
+    def __init__(self, device: DeviceInfo | None = None, protocol: TimingProtocol | None = None):
+        device = device if device is not None else cpu_device()
+        if device.is_fake:
+            raise DeviceError(f"device {device.key} is fake: time it with FakeTimingBackend")
+        if device.kind == "cuda" and not torch.cuda.is_available():
+            raise DeviceError(f"device {device.key} is CUDA but this process sees no CUDA device")
+        self.device = device
+        self.protocol = protocol if protocol is not None else TimingProtocol()
+        if device.kind == "cpu":
+            tune_allocator()
+
+    def measure(self, config: LayerConfig) -> Measurement:
+        """Build ``config``, warm it up and time it under ``torch.inference_mode``.
+
+        Raises:
+            ProfileError: the layer cannot be built or fails while being timed.
+        """
+        module, x = build_layer(config, self.device)
+        try:
+            with torch.inference_mode():
+                return time_callable(lambda: module(x), self.device, self.protocol)
+        except RuntimeError as exc:
+            raise ProfileError(f"configuration {config.key}: failed while timing on {self.device.key}: {exc}") from exc
+        finally:
+            del module, x
+
+    def __repr__(self) -> str:
+        return f"TorchTimingBackend({self.device.key!r}, {self.protocol})"
+
+
+_DTYPE_FACTOR = {"fp32": 1.0, "bf16": 0.6, "fp16": 0.5}
+
+
+class FakeTimingBackend:
+    """A deterministic stand-in for timing: latency from MACs plus overhead, for tests and benchmarks only.
+
+    Channel counts are rounded up to the next multiple of 16 first (cin and cout; a depthwise
+    conv's per-group input stays 1), so latency is a staircase in channels like real CPU kernels.
+
+    Args:
+        device: the (usually :func:`~fleetprune.profiler.device.fake_device`) device it pretends to be.
+        cost_s: seconds to sleep per measurement, to simulate how long profiling takes.
+        speed: throughput multiplier, to give fake devices of a fleet different speeds.
+    """
+
+    STEP = 16
+    OVERHEAD_MS = 0.01
+    MACS_PER_MS = 2.0e7  # 20 GMAC/s
+    ELEMENTS_PER_MS = 1.0e6  # memory traffic term
+
+    def __init__(self, device: DeviceInfo, cost_s: float = 0.0, *, speed: float = 1.0):
+        if cost_s < 0 or speed <= 0:
+            raise ValueError("cost_s must be >= 0 and speed > 0")
+        self.device = device
+        self.cost_s = float(cost_s)
+        self.speed = float(speed)
+        self.protocol = None
+        self.calls = 0
+
+    def latency_ms(self, config: LayerConfig) -> float:
+        """The fake median latency of ``config``."""
+        step = self.STEP
+        cin = math.ceil(config.cin / step) * step
+        cout = math.ceil(config.cout / step) * step
+        oh, ow = config.out_hw
+        per_group_in = 1.0 if config.op == "dwconv" else cin / config.groups
+        macs = config.batch * oh * ow * config.kh * config.kw * cout * per_group_in
+        elements = config.batch * (cin * config.in_h * config.in_w + cout * oh * ow)
+        factor = _DTYPE_FACTOR[config.dtype] * (0.9 if config.memory_format == "nhwc" else 1.0)
+        work_ms = (macs / self.MACS_PER_MS + elements / self.ELEMENTS_PER_MS) * factor / self.speed
+        return self.OVERHEAD_MS + work_ms
+
+    def measure(self, config: LayerConfig) -> Measurement:
+        """The fake measurement of ``config`` (after sleeping ``cost_s``)."""
+        self.calls += 1
+        if self.cost_s:
+            time.sleep(self.cost_s)
+        lat = self.latency_ms(config)
+        return Measurement(median_ms=lat, p10_ms=lat * 0.99, p90_ms=lat * 1.01, n=15)
+
+    def __repr__(self) -> str:
+        return f"FakeTimingBackend({self.device.key!r}, cost_s={self.cost_s}, speed={self.speed})"

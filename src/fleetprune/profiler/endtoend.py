@@ -1,0 +1,71 @@
+"""End-to-end latency of a whole network (a pruned variant or the dense model) with the layer protocol."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fleetprune.errors import ProfileError
+from fleetprune.profiler.device import DeviceInfo
+from fleetprune.profiler.layers import MEMORY_FORMATS, TORCH_DTYPES, check_supported
+from fleetprune.profiler.timing import Measurement, TimingProtocol, time_callable, tune_allocator
+
+log = logging.getLogger(__name__)
+
+
+def measure_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    device: DeviceInfo,
+    dtype: str = "fp32",
+    memory_format: str = "nchw",
+    protocol: TimingProtocol | None = None,
+) -> Measurement:
+    """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
+
+    Nothing is folded or fused: the model runs as given. The caller's model is not changed (a
+    copy is moved to the device, dtype and memory format).
+
+    Args:
+        input_shape: the full input shape ``(N, C, H, W)``; a 3-tuple ``(C, H, W)`` means batch 1.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (fp16 only on CUDA).
+        memory_format: ``nchw`` or ``nhwc`` (channels_last, for 4-d inputs).
+        protocol: defaults to ``TimingProtocol()``.
+
+    Raises:
+        ProfileError: the model cannot run with that input, dtype or memory format on the device.
+    """
+    protocol = protocol if protocol is not None else TimingProtocol()
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    what = f"model {type(model).__name__} with input {shape}"
+    check_supported(dtype, memory_format, device, what)
+    if device.is_fake:
+        raise ProfileError(f"{what}: device {device.key} is fake; measure on a real device")
+    if device.kind == "cpu":
+        tune_allocator()
+    torch_dtype = TORCH_DTYPES[dtype]
+    dev = device.torch_device
+    try:
+        net = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - some scripted modules refuse deepcopy
+        raise ProfileError(f"{what}: cannot copy the model to measure it: {exc}") from exc
+    try:
+        net = net.eval().requires_grad_(False).to(device=dev, dtype=torch_dtype)
+        x = torch.randn(*shape, device=dev, dtype=torch_dtype)
+        if len(shape) == 4:
+            fmt = MEMORY_FORMATS[memory_format]
+            net = net.to(memory_format=fmt)
+            x = x.contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            net(x)  # fail here, with a clear error, rather than inside the timer
+            return time_callable(lambda: net(x), device, protocol)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ProfileError(f"{what}: does not fit the memory of {device.key}: {exc}") from exc
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        raise ProfileError(f"{what}: cannot run on {device.key} in {dtype}/{memory_format}: {exc}") from exc

@@ -1,0 +1,267 @@
+"""How one callable is timed: the protocol, the result, and the allocator tuning that keeps CPU numbers stable.
+
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the intra-op thread count set
+explicitly, after a warm-up, in a process whose glibc allocator keeps big buffers on the heap
+(``tune_allocator``). Without that, glibc hands every large tensor back to the kernel and faults it
+in again on the next call, which adds 50-60% and makes numbers differ between processes.
+
+CUDA: CUDA events around ``R`` back-to-back calls (R chosen so one timed block lasts at least
+``block_ms``), ``cudnn.benchmark`` on, one synchronize after all blocks.
+
+Both report the median and the 10th/90th percentiles of the per-call times of the timed blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils.benchmark as tbench
+
+from fleetprune.errors import ProfileError
+
+log = logging.getLogger(__name__)
+
+# glibc mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 64 << 20
+_TRIM_THRESHOLD = 128 << 20
+
+ALLOCATOR_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+}
+"""The same allocator tuning as environment variables, for child processes and Ray actors
+(``runtime_env={"env_vars": ALLOCATOR_ENV}``)."""
+
+_allocator_tuned_inprocess = False
+
+
+@dataclass(frozen=True)
+class TimingProtocol:
+    """How long and how often to time one configuration.
+
+    Attributes:
+        warmup_ms: minimum warm-up time before timing (oneDNN primitive caches, cuDNN autotuning,
+            allocator, clocks).
+        min_run_time_s: minimum total timed time per configuration.
+        repeats: minimum number of timed samples (blocks); raised run time if needed to reach it.
+        noise_limit: a measurement whose (p90 - p10) / median exceeds this is re-measured once and
+            then flagged noisy.
+        warmup_iters: minimum number of warm-up calls (on top of ``warmup_ms``).
+        block_ms: CUDA only: minimum duration of one timed block of back-to-back launches, so short
+            kernels are not dominated by event resolution.
+    """
+
+    warmup_ms: float = 50.0
+    min_run_time_s: float = 0.2
+    repeats: int = 15
+    noise_limit: float = 0.10
+    warmup_iters: int = 10
+    block_ms: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.warmup_ms < 0 or self.min_run_time_s <= 0 or self.block_ms <= 0:
+            raise ValueError("warmup_ms must be >= 0, min_run_time_s and block_ms > 0")
+        if self.repeats < 1 or self.warmup_iters < 0:
+            raise ValueError("repeats must be >= 1 and warmup_iters >= 0")
+        if self.noise_limit <= 0:
+            raise ValueError("noise_limit must be > 0")
+
+    @classmethod
+    def quick(cls) -> "TimingProtocol":
+        """A fast protocol for tests and smoke runs (numbers are rough; never for real tables)."""
+        return cls(warmup_ms=2.0, min_run_time_s=0.02, repeats=5, warmup_iters=2, block_ms=0.2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The protocol as a JSON-ready dict (stored in table provenance)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency statistics of one configuration or model, in milliseconds per call.
+
+    Attributes:
+        median_ms, p10_ms, p90_ms: statistics over the timed samples.
+        n: number of timed samples (blocks), not the number of calls.
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """Relative spread (p90 - p10) / median, the noise figure the profiler checks."""
+        if self.median_ms <= 0:
+            return math.inf
+        return (self.p90_ms - self.p10_ms) / self.median_ms
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "Measurement":
+        """Statistics of per-call times in milliseconds (linear-interpolated percentiles)."""
+        if not samples_ms:
+            raise ValueError("no samples")
+        values = sorted(float(s) for s in samples_ms)
+        return cls(
+            median_ms=_percentile(values, 50.0),
+            p10_ms=_percentile(values, 10.0),
+            p90_ms=_percentile(values, 90.0),
+            n=len(values),
+        )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_allocator() -> bool:
+    """Set glibc's mmap threshold to 64 MiB and trim threshold to 128 MiB in this process.
+
+    Same effect as starting the process with :data:`ALLOCATOR_ENV`: big tensors stay on the heap
+    between calls instead of being unmapped and faulted in again. Idempotent; a no-op (returning
+    False) where the C library is not glibc.
+
+    Returns:
+        True if the thresholds are in effect (set now, earlier, or by the environment).
+    """
+    global _allocator_tuned_inprocess
+    if _allocator_tuned_inprocess:
+        return True
+    libc = _glibc()
+    if libc is None:
+        log.info("not glibc: allocator tuning skipped")
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok_mmap = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    ok_trim = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    if not (ok_mmap and ok_trim):
+        log.warning("mallopt refused the allocator thresholds (mmap ok=%s, trim ok=%s)", ok_mmap, ok_trim)
+        return _env_tuned()
+    _allocator_tuned_inprocess = True
+    log.debug("glibc allocator tuned in-process: mmap threshold %d, trim threshold %d",
+              _MMAP_THRESHOLD, _TRIM_THRESHOLD)
+    return True
+
+
+def _env_tuned() -> bool:
+    return all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())
+
+
+def allocator_state() -> dict[str, Any]:
+    """How this process's allocator is tuned (for provenance)."""
+    return {
+        "glibc": _glibc() is not None,
+        "env": _env_tuned(),
+        "mallopt": _allocator_tuned_inprocess,
+        "mmap_threshold": _MMAP_THRESHOLD,
+        "trim_threshold": _TRIM_THRESHOLD,
+    }
+
+
+def _warm_up(fn: Callable[[], Any], protocol: TimingProtocol, sync: Callable[[], None]) -> float:
+    """Run ``fn`` for at least ``warmup_iters`` calls and ``warmup_ms``; return seconds per call."""
+    start = time.perf_counter()
+    calls = 0
+    deadline = protocol.warmup_ms / 1e3
+    tail_start, tail_calls = start, 0
+    while calls < max(1, protocol.warmup_iters) or time.perf_counter() - start < deadline:
+        fn()
+        sync()
+        calls += 1
+        tail_calls += 1
+        # The first calls pay for primitive creation; estimate from the later half.
+        if calls == max(1, protocol.warmup_iters) // 2:
+            tail_start, tail_calls = time.perf_counter(), 0
+    elapsed = time.perf_counter() - tail_start
+    return elapsed / max(1, tail_calls)
+
+
+def time_cpu(fn: Callable[[], Any], protocol: TimingProtocol, threads: int) -> Measurement:
+    """Time ``fn`` on the CPU with ``threads`` intra-op threads (``torch.utils.benchmark``)."""
+    torch.set_num_threads(threads)
+    per_call_s = _warm_up(fn, protocol, lambda: None)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    # blocked_autorange stops once min_run_time is spent; stretch it so that slow layers still
+    # give `repeats` samples (its blocks are at least one call each).
+    run_time = max(protocol.min_run_time_s, protocol.repeats * per_call_s * 1.2)
+    samples: list[float] = []
+    for _ in range(4):
+        result = timer.blocked_autorange(min_run_time=run_time)
+        samples.extend(t * 1e3 for t in result.times)
+        if len(samples) >= protocol.repeats:
+            break
+        run_time = (protocol.repeats - len(samples)) * result.median * result.number_per_run * 1.2
+    return Measurement.from_samples(samples)
+
+
+def time_cuda(fn: Callable[[], Any], protocol: TimingProtocol, index: int = 0) -> Measurement:
+    """Time ``fn`` on CUDA device ``index`` with CUDA events around blocks of back-to-back calls."""
+    if not torch.cuda.is_available():
+        raise ProfileError("CUDA timing asked for, but no CUDA device is visible to this process")
+    torch.backends.cudnn.benchmark = True  # autotuning happens during warm-up
+    with torch.cuda.device(index):
+        sync = torch.cuda.synchronize
+        _warm_up(fn, protocol, sync)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # Estimate device time per call, growing the probe until it is long enough to trust.
+        probe = 1
+        while True:
+            start.record()
+            for _ in range(probe):
+                fn()
+            end.record()
+            end.synchronize()
+            probe_ms = start.elapsed_time(end)
+            if probe_ms >= protocol.block_ms or probe >= 4096:
+                break
+            probe = min(4096, max(probe * 2, math.ceil(probe * protocol.block_ms / max(probe_ms, 1e-3))))
+        per_call_ms = max(probe_ms / probe, 1e-4)
+        reps = max(1, math.ceil(protocol.block_ms / per_call_ms))
+        blocks = max(protocol.repeats, math.ceil(protocol.min_run_time_s * 1e3 / (reps * per_call_ms)))
+        blocks = min(blocks, max(protocol.repeats, 1000))
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(blocks)
+        ]
+        # One synchronize after all blocks: the device runs them back to back, so each block
+        # measures device time, not host launch gaps between blocks.
+        for ev_start, ev_end in events:
+            ev_start.record()
+            for _ in range(reps):
+                fn()
+            ev_end.record()
+        sync()
+        samples = [s.elapsed_time(e) / reps for s, e in events]
+    return Measurement.from_samples(samples)
+
+
+def time_callable(fn: Callable[[], Any], device: Any, protocol: TimingProtocol) -> Measurement:
+    """Time ``fn`` on ``device`` (a :class:`~fleetprune.profiler.device.DeviceInfo`) with ``protocol``.
+
+    The caller decides the autograd mode; the profiler calls this under ``torch.inference_mode``.
+    """
+    if device.kind == "cuda":
+        return time_cuda(fn, protocol, device.index)
+    return time_cpu(fn, protocol, int(device.threads or torch.get_num_threads()))

@@ -1,0 +1,165 @@
+"""What goes into a report: the sections and figures for a variants folder or a table root."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pandas as pd
+
+from fleetprune.report import plots
+from fleetprune.report.families import choose_family
+from fleetprune.report.html import Section, figure, note, paragraph, table
+from fleetprune.report.load import TableRoot, VariantsFolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """A report before it is written: page text parts and the figures it links."""
+
+    title: str
+    subtitle: str
+    sections: list[Section]
+    plots: list[plots.Plot]
+
+
+def _rel_error(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return (predicted - measured) / measured
+
+
+def variants_report(folder: VariantsFolder) -> Report:
+    """Kept widths, budget schedules and predicted-vs-measured latency of every device's variant."""
+    variants = folder.variants
+    colors = plots.device_colors([v.device_key for v in variants])
+    figs: list[plots.Plot] = []
+
+    overview = Section("Variants", [table(
+        ["device", "budget ms", "dense ms", "predicted ms", "measured ms", "rel. error",
+         "speed-up (pred.)", "steps", "solver s"],
+        [
+            [v.device_key, v.budget_ms, v.dense_ms, v.predicted_ms, v.measured_ms,
+             _rel_error(v.predicted_ms, v.measured_ms),
+             v.dense_ms / v.predicted_ms if v.dense_ms and v.predicted_ms else None,
+             len(v.steps), v.solver_time_s]
+            for v in variants
+        ],
+    )])
+    missing = [v.device_key for v in variants if v.measured_ms is None]
+    if missing:
+        overview.parts.append(note(
+            f"No measured latency for {', '.join(missing)} (device not reachable when pruning); "
+            "run `fleetprune validate` on that device to measure it."
+        ))
+
+    widths_fig = plots.widths_plot(variants, colors)
+    figs.append(widths_fig)
+    groups = list(dict.fromkeys(g for v in variants for g in v.widths))
+    dense = {g: w for v in variants for g, w in v.dense_widths.items()}
+    widths = Section("Kept width per group", [figure(widths_fig), table(
+        ["group", "dense"] + [v.device_key for v in variants],
+        [[g, dense.get(g)] + [v.widths.get(g) for v in variants] for g in groups],
+    )])
+
+    schedule = Section("Budget schedule")
+    if any(v.steps for v in variants):
+        figs.append(plots.schedule_plot(variants, colors))
+        schedule.parts.append(figure(figs[-1]))
+    else:
+        schedule.parts.append(note("The variants record no per-step schedule."))
+
+    agreement = Section("Predicted against measured latency")
+    points = pd.DataFrame(
+        [{"device_key": v.device_key, "predicted_ms": v.predicted_ms, "measured_ms": v.measured_ms}
+         for v in variants if v.predicted_ms is not None and v.measured_ms is not None]
+    )
+    if points.empty:
+        agreement.parts.append(note(
+            "No variant has both a predicted and a measured latency, so there is nothing to compare; "
+            "run `fleetprune validate` where the devices are reachable."
+        ))
+    else:
+        figs.append(plots.agreement_plot(
+            points, colors, "agreement", "Predicted vs measured latency",
+            "Each pruned variant's predicted latency (from the table) against its end-to-end measured "
+            f"latency on its device; the band marks ±{plots.BAND:.0%}.",
+        ))
+        agreement.parts.append(figure(figs[-1]))
+
+    model = next((v.model for v in variants if v.model), None)
+    subtitle = f"{len(variants)} device variants in {folder.root}" + (f" of model {model}" if model else "")
+    return Report("fleetprune report: pruned variants", subtitle,
+                  [overview, widths, schedule, agreement], figs)
+
+
+def _validation_section(frame: pd.DataFrame | None, colors: dict[str, tuple]) -> tuple[Section, list[plots.Plot]]:
+    section = Section("Predicted against measured latency (validation)")
+    rows = None if frame is None else frame.dropna(subset=["predicted_ms", "measured_ms"])
+    if rows is None or rows.empty:
+        section.parts.append(note("No validation rows here; `fleetprune validate` writes them."))
+        return section, []
+    fig = plots.agreement_plot(
+        rows, colors, "validation", "Predicted vs measured latency",
+        f"Every validation row (dense models as squares, pruned variants as circles; bars: measured "
+        f"p10 to p90) against the prediction from the latency table; the band marks ±{plots.BAND:.0%}.",
+    )
+    rel = (rows["predicted_ms"] - rows["measured_ms"]) / rows["measured_ms"]
+    stats = [
+        [device, len(g), float(rel[g.index].abs().mean()), float((rel[g.index].abs() <= plots.BAND).mean())]
+        for device, g in rows.groupby("device_key")
+    ]
+    section.parts += [figure(fig), table(["device", "rows", "mean |rel. error|", "within ±10%"], stats)]
+    return section, [fig]
+
+
+def tables_report(root: TableRoot, layer: str | None = None) -> Report:
+    """Staircase, cross-device latency ratios and validation agreement of a latency table root."""
+    devices = list(root.tables)
+    validated = [] if root.validation is None else list(root.validation["device_key"].unique())
+    colors = plots.device_colors(list(dict.fromkeys(devices + validated)))
+    figs: list[plots.Plot] = []
+
+    overview = Section("Devices", [table(
+        ["device", "name", "rows", "noisy rows", "torch", "newest measurement"],
+        [
+            [d, root.provenance[d].get("device_name"), len(f),
+             int(f["noisy"].sum()) if "noisy" in f.columns else None,
+             root.provenance[d].get("torch"),
+             str(f["measured_at"].max()) if "measured_at" in f.columns and len(f) else None]
+            for d, f in root.tables.items()
+        ],
+    )])
+    if not devices:
+        overview.parts.append(note("This root holds no latency tables, only validation rows."))
+
+    staircase = Section("Latency staircase")
+    family = choose_family(root.tables, layer) if devices else None
+    if family is None:
+        staircase.parts.append(note(
+            "No layer configuration is measured at two or more output widths on every device; "
+            "profile a channel sweep (or pass --layer) to see the staircase."
+        ))
+    else:
+        figs.append(plots.staircase_plot(root.tables, family, colors))
+        staircase.parts.append(figure(figs[-1]))
+
+    ratios = Section("Latency ratio between devices")
+    if len(devices) < 2:
+        ratios.parts.append(note("Only one device here; a ratio needs two (choose them with --devices A,B)."))
+    for other in devices[1:]:
+        fig = plots.ratio_plot(devices[0], root.tables[devices[0]], other, root.tables[other])
+        if fig is None:
+            ratios.parts.append(note(f"{devices[0]} and {other} have no configuration in common."))
+        else:
+            figs.append(fig)
+            ratios.parts.append(figure(fig))
+    if len(devices) > 2:
+        ratios.parts.insert(0, paragraph(f"Each device against {devices[0]}."))
+
+    validation, vfigs = _validation_section(root.validation, colors)
+    figs += vfigs
+    subtitle = f"latency tables of {len(devices)} devices in {root.root}"
+    return Report("fleetprune report: latency tables", subtitle, [overview, staircase, ratios, validation], figs)

@@ -1,0 +1,282 @@
+"""Readers of the folders a report is made from: a variants folder or a table root.
+
+Every format the report reads (``summary.json``, ``<device>/report.json``, ``widths.json``, the
+table store and ``validation.parquet``) is parsed here and nowhere else, so a change in one of
+those formats is mended in this one module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fleetprune.errors import FleetpruneError, ReportError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+VARIANT_FILES = ("widths.json", "report.json")
+VALIDATION = "validation.parquet"
+PARTITION_PREFIX = "device_key="
+
+
+@dataclass
+class Step:
+    """One pruning step of a variant's schedule (latencies in ms; None where not recorded)."""
+
+    step: int
+    target_ms: float | None
+    predicted_ms: float | None
+    measured_ms: float | None = None
+
+
+@dataclass
+class Variant:
+    """What the report needs from one device's variant folder."""
+
+    device_key: str
+    widths: dict[str, int]
+    dense_widths: dict[str, int]
+    budget_ms: float | None
+    dense_ms: float | None
+    predicted_ms: float | None
+    measured_ms: float | None
+    solver_time_s: float | None
+    steps: list[Step]
+    model: str | None = None
+
+
+@dataclass
+class VariantsFolder:
+    """A folder written by ``fleetprune prune --out DIR``."""
+
+    root: Path
+    variants: list[Variant]
+
+
+@dataclass
+class TableRoot:
+    """A latency table root: one frame of newest rows per device, plus optional validation rows."""
+
+    root: Path
+    tables: dict[str, pd.DataFrame]
+    provenance: dict[str, dict[str, Any]]
+    validation: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def detect(root: Path) -> str:
+    """Say what ``root`` holds: ``"variants"`` or ``"tables"``; anything else raises ReportError."""
+    if not root.is_dir():
+        raise ReportError(
+            f"{root} is not a folder; pass a variants folder (from `fleetprune prune --out DIR`) "
+            "or a latency table root"
+        )
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise ReportError(
+            f"{root} is empty; pass a variants folder (from `fleetprune prune --out DIR`) "
+            "or a latency table root (from `fleetprune profile`)"
+        )
+    if (root / SUMMARY).is_file():
+        return "variants"
+    if any(p.is_dir() and p.name.startswith(PARTITION_PREFIX) for p in entries) or (root / VALIDATION).exists():
+        return "tables"
+    if any(p.is_dir() and any((p / f).is_file() for f in VARIANT_FILES) for p in entries):
+        raise ReportError(
+            f"{root} looks like a variants folder but has no {SUMMARY}; the prune run did not finish: "
+            f"rerun `fleetprune prune --out {root}`"
+        )
+    raise ReportError(
+        f"{root} is neither a variants folder (no {SUMMARY}) nor a latency table root (no "
+        f"{PARTITION_PREFIX}<KEY> folders, no {VALIDATION}); pass the folder given to "
+        "`fleetprune prune --out` or to `fleetprune profile`"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}; rerun `fleetprune prune` for this device") from exc
+
+
+def _first(mapping: dict[str, Any], *names: str) -> Any:
+    """The value of the first of ``names`` present in ``mapping`` (formats may name fields differently)."""
+    for name in names:
+        if name in mapping and mapping[name] is not None:
+            return mapping[name]
+    return None
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _summary_devices(summary: Any, path: Path) -> list[str]:
+    # summary.json "lists the devices": accept a bare list, {"devices": [...]}, {"devices": {key: ...}},
+    # or a list of records with "device_key".
+    devices = summary.get("devices", summary.get("variants")) if isinstance(summary, dict) else summary
+    if isinstance(devices, dict):
+        devices = list(devices)
+    if not isinstance(devices, list):
+        raise ReportError(f"{path} does not list the devices; rerun `fleetprune prune`")
+    keys = [d if isinstance(d, str) else d.get("device_key") for d in devices]
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ReportError(f"{path} lists no devices; rerun `fleetprune prune`")
+    return keys
+
+
+def _widths(raw: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Kept and dense widths from ``{group: int}`` or ``{group: {"kept"|"width": n, "dense": m}}``."""
+    kept: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    for group, value in (raw or {}).items():
+        if isinstance(value, dict):
+            kept[group] = int(_first(value, "kept", "width", "pruned"))
+            if _first(value, "dense", "dense_width", "original") is not None:
+                dense[group] = int(_first(value, "dense", "dense_width", "original"))
+        else:
+            kept[group] = int(value)
+    return kept, dense
+
+
+def _plan_widths(plan: Any) -> dict[str, int]:
+    """Dense widths from the plan stored in ``widths.json`` (its groups' ``name`` and ``width``)."""
+    if isinstance(plan, str):  # Plan.to_json() is a string; Plan.to_dict() a dict
+        try:
+            plan = json.loads(plan)
+        except json.JSONDecodeError:
+            return {}
+    groups = plan.get("groups") if isinstance(plan, dict) else None
+    if isinstance(groups, dict):
+        groups = [dict(g, name=name) for name, g in groups.items() if isinstance(g, dict)]
+    out = {}
+    for g in groups or []:
+        if isinstance(g, dict) and g.get("name") is not None and g.get("width") is not None:
+            out[str(g["name"])] = int(g["width"])
+    return out
+
+
+def _steps(report: dict[str, Any]) -> list[Step]:
+    raw = _first(report, "steps", "schedule")
+    if isinstance(raw, dict):  # parallel lists: {"target_ms": [...], "predicted_ms": [...]}
+        n = max(len(v) for v in raw.values() if isinstance(v, list))
+        raw = [{k: v[i] if isinstance(v, list) and i < len(v) else None for k, v in raw.items()} for i in range(n)]
+    steps = []
+    for i, s in enumerate(raw or [], start=1):
+        steps.append(
+            Step(
+                step=int(_first(s, "step", "index") or i),
+                target_ms=_float(_first(s, "target_ms", "budget_ms", "target")),
+                predicted_ms=_float(_first(s, "predicted_ms", "predicted")),
+                measured_ms=_float(_first(s, "measured_ms", "measured")),
+            )
+        )
+    return steps
+
+
+def _measured(report: dict[str, Any]) -> float | None:
+    value = _first(report, "measured_ms", "measured")
+    if isinstance(value, dict):  # a Measurement record
+        value = _first(value, "median_ms", "median")
+    return _float(value)
+
+
+def load_variants(root: Path, devices: list[str] | None = None) -> VariantsFolder:
+    """Read a variants folder; a device listed in ``summary.json`` without its files raises ReportError."""
+    keys = _summary_devices(_read_json(root / SUMMARY), root / SUMMARY)
+    keys = _select(keys, devices, root)
+    variants = []
+    for key in keys:
+        folder = root / key
+        missing = [f for f in VARIANT_FILES if not (folder / f).is_file()]
+        if missing:
+            raise ReportError(
+                f"variant of device {key!r} is incomplete: {', '.join(str(folder / f) for f in missing)} "
+                f"missing; rerun `fleetprune prune` for that device or drop it with --devices"
+            )
+        widths_doc = _read_json(folder / "widths.json")
+        report = _read_json(folder / "report.json")
+        kept, dense = _widths(_first(widths_doc, "widths", "groups") or _first(report, "widths", "groups"))
+        dense = (
+            dense
+            or _widths(_first(report, "dense_widths") or _first(widths_doc, "dense_widths"))[0]
+            or _plan_widths(widths_doc.get("plan"))
+        )
+        variants.append(
+            Variant(
+                device_key=key,
+                widths=kept,
+                dense_widths=dense,
+                budget_ms=_float(_first(report, "budget_ms", "budget")),
+                dense_ms=_float(_first(report, "dense_ms", "dense_predicted_ms")),
+                predicted_ms=_float(_first(report, "predicted_ms", "final_predicted_ms", "predicted")),
+                measured_ms=_measured(report),
+                solver_time_s=_float(_first(report, "solver_time_s", "solver_s", "solve_time_s")),
+                steps=_steps(report),
+                model=_first(widths_doc, "model", "model_name"),
+            )
+        )
+    log.info("read %d variants from %s", len(variants), root)
+    return VariantsFolder(root=root, variants=variants)
+
+
+def _select(known: list[str], wanted: list[str] | None, root: Path) -> list[str]:
+    if not wanted:
+        return known
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ReportError(
+            f"no device {', '.join(map(repr, unknown))} in {root}; known devices: {', '.join(known) or 'none'}"
+        )
+    return list(wanted)
+
+
+def load_tables(root: Path, devices: list[str] | None = None) -> TableRoot:
+    """Read every device's newest rows of a table root, and its validation rows if present."""
+    from fleetprune.tables.store import TableStore
+
+    store = TableStore(str(root))
+    try:
+        summaries = store.devices()
+        for s in summaries:
+            if s.bad_files:
+                log.warning("device %s: unreadable table files %s", s.device_key, ", ".join(s.bad_files))
+        keys = _select(sorted(s.device_key for s in summaries if s.rows), devices, root)
+        tables = {}
+        provenance = {}
+        for key in keys:
+            table = store.read(key)
+            tables[key] = table.frame
+            provenance[key] = dict(table.provenance or {})
+    except ReportError:
+        raise
+    except FleetpruneError as exc:
+        raise ReportError(f"cannot read the latency tables under {root}: {exc}") from exc
+    validation = load_validation(root, keys if devices else None)
+    return TableRoot(root=root, tables=tables, provenance=provenance, validation=validation)
+
+
+def load_validation(root: Path, devices: list[str] | None = None) -> pd.DataFrame | None:
+    """The rows of ``ROOT/validation.parquet`` (a file or a folder of parts), or None when absent."""
+    path = root / VALIDATION
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise ReportError(f"cannot read {path}: {exc}; rerun `fleetprune validate`") from exc
+    needed = {"device_key", "predicted_ms", "measured_ms"}
+    if not needed <= set(frame.columns):
+        raise ReportError(
+            f"{path} lacks columns {sorted(needed - set(frame.columns))}; rerun `fleetprune validate`"
+        )
+    if devices:
+        frame = frame[frame["device_key"].isin(devices)]
+    return frame.reset_index(drop=True)
