@@ -122,7 +122,7 @@ def test_layer_choice_by_key_fragment_and_full_key(tmp_path: Path) -> None:
     # A full key picks its family even at a width nobody measured.
     chosen = choose_family(tables, SMALL.with_channels(32, 999).key)
     assert chosen.signature == family_of(SMALL.key) and chosen.common_couts == (16, 32, 48, 64)
-    assert choose_family(tables, "k1x1|ci32").signature == family_of(SMALL.key)
+    assert choose_family(tables, "k1x1,h8w8|ci32").signature == family_of(SMALL.key)
 
 
 def test_tables_report_one_device_has_no_ratio(tmp_path: Path) -> None:

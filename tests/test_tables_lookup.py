@@ -57,7 +57,8 @@ def test_a_miss_names_every_missing_config_and_the_commands_that_measure_them(ta
     assert "and 5 more" in message
     assert "the model you are pruning" in message
     root = str(tmp_path)
-    assert f"fleetprune profile MODEL --tables {root} --devices {DEV} --batch 1 --dtype fp32 --memory-format nchw" in message
+    command = f"fleetprune profile MODEL --tables {root} --devices {DEV} --batch 1 --dtype fp32 --memory-format nchw"
+    assert command in message
     assert f"--devices {DEV} --batch 8 --dtype fp16 --memory-format nchw" in message
     assert table.missing(wanted) == missing
 

@@ -51,7 +51,10 @@ def part_files(root: Path, device: str = DEV) -> list[Path]:
 
 def test_round_trip_keeps_every_column_and_the_provenance(tmp_path):
     store = TableStore(tmp_path)
-    configs = grid(3) + [LayerConfig("linear", 64, 10, act="none"), LayerConfig("dwconv", 32, 32, 3, 3, groups=32, in_h=8, in_w=8)]
+    configs = grid(3) + [
+        LayerConfig("linear", 64, 10, act="none"),
+        LayerConfig("dwconv", 32, 32, 3, 3, groups=32, in_h=8, in_w=8),
+    ]
     rows = rows_for(DEV, configs)
     rows[0]["noisy"] = True
     path = store.write(DEV, rows, PROV)
@@ -135,6 +138,37 @@ def test_provenance_is_the_newest_files_and_a_correction_survives_reprofiling(tm
     assert summary.provenance["correction"]["a"] == 1.2
 
 
+def test_set_correction_adds_a_calibration_without_touching_measurements(tmp_path):
+    store = TableStore(tmp_path)
+    store.write(DEV, rows_for(DEV, grid(2)), PROV)
+    store.set_correction(DEV, {"a": 1.25, "b": 0.5, "n": 6})
+    table = store.read(DEV)
+    assert table.correction == (1.25, 0.5) and table.provenance["correction"]["n"] == 6
+    assert table.provenance["device_name"] == "Test CPU" and len(table) == 4
+    with pytest.raises(TableError, match="'a' and 'b'"):
+        store.set_correction(DEV, {"a": 1.0})
+    with pytest.raises(TableError, match="finite"):
+        store.set_correction(DEV, {"a": math.inf, "b": 0.0})
+    assert store.read(DEV).correction == (1.25, 0.5)
+
+
+def test_validation_rows_append_beside_the_device_tables(tmp_path):
+    store = TableStore(tmp_path)
+    store.write(DEV, rows_for(DEV, grid(1)), PROV)
+    legacy = pd.DataFrame({"device_key": [DEV], "predicted_ms": [1.0], "measured_ms": [1.1], "run_id": ["r0"]})
+    legacy.to_parquet(tmp_path / "validation.parquet")  # a single file, as an older writer left it
+    row = {"device_key": DEV, "predicted_ms": 2.0, "measured_ms": 2.2, "run_id": "r1", "measured_at": T0}
+    store.append_validation([row, dict(row, predicted_ms=3.0)], provenance=PROV)
+    path = store.append_validation([dict(row, run_id="r2")], provenance=PROV)
+    assert store.append_validation([]) == ""
+
+    assert Path(path).parent == tmp_path / "validation.parquet"
+    assert json.loads(pq.read_schema(path).metadata[METADATA_KEY])["device_name"] == "Test CPU"
+    back = pd.read_parquet(tmp_path / "validation.parquet")
+    assert sorted(back["run_id"]) == ["r0", "r1", "r1", "r2"]
+    assert [s.device_key for s in store.devices()] == [DEV] and store.validate() == []
+
+
 def test_write_refuses_rows_it_cannot_store_without_touching_the_root(tmp_path):
     store = TableStore(tmp_path)
     with pytest.raises(TableError, match="cannot be written"):
@@ -206,10 +240,13 @@ def test_merge_copies_missing_rows_keeps_newest_and_is_idempotent(tmp_path):
     a.write(DEV, rows_for(DEV, grid(2), at=T0), PROV)
     b.write(DEV, rows_for(DEV, [cfg(16, 16), cfg(48, 48)], scale=2.0, at=T0 + dt.timedelta(hours=1)), PROV)
     b.write("cuda-h100", rows_for("cuda-h100", grid(2), scale=0.1), dict(PROV, device_name="H100", cuda="12.8"))
+    b.write("cuda-h100", [], dict(PROV, device_name="H100", cuda="12.8", correction=[1.3, 0.1]))
     before_b = sorted(p.name for p in (tmp_path / "b").rglob("*"))
 
     assert a.merge_from(str(tmp_path / "b")) == 6
+    files_after_first = sorted((tmp_path / "a").rglob("part-*.parquet"))
     assert a.merge_from(b) == 0
+    assert sorted((tmp_path / "a").rglob("part-*.parquet")) == files_after_first  # nothing written twice
     assert sorted(p.name for p in (tmp_path / "b").rglob("*")) == before_b  # source untouched
     assert [s.device_key for s in a.devices()] == ["cpu-test-t2", "cuda-h100"]
     mine = a.read(DEV)
@@ -218,6 +255,7 @@ def test_merge_copies_missing_rows_keeps_newest_and_is_idempotent(tmp_path):
     assert mine.lookup(cfg(16, 32)) == pytest.approx(16 * 32e-3)
     h100 = a.read("cuda-h100")
     assert h100.provenance["cuda"] == "12.8" and h100.provenance["merged_from"] == str(tmp_path / "b")
+    assert h100.correction == (1.3, 0.1)
     assert a.validate() == []
 
 

@@ -56,7 +56,7 @@ def _open(path: str, *, must_exist: bool = True):  # noqa: ANN202 - TableStore, 
 
     store = TableStore(path)
     if must_exist and not store.exists():
-        raise TableError(f"there is no table root at {path}: pass --tables ROOT (a folder or URI that holds tables)")
+        raise TableError(f"there is no table root at {path}: pass --tables ROOT (a folder or URI holding tables)")
     return store
 
 
@@ -82,19 +82,21 @@ def _ls(args: argparse.Namespace) -> int:
                 "yes" if prov.get("correction") is not None else "no",
             ]
         )
-    print(_grid(["DEVICE", "ROWS", "FILES", "LAST MEASURED UTC", "NAME", "TORCH", "CUDA", "THREADS", "CALIBRATED"], rows, right={1, 2}))
+    header = ["DEVICE", "ROWS", "FILES", "LAST MEASURED UTC", "NAME", "TORCH", "CUDA", "THREADS", "CALIBRATED"]
+    print(_grid(header, rows, right={1, 2}))
     bad = [(s.device_key, f) for s in summaries for f in s.bad_files]
     for device, f in bad:
         print(f"unreadable file of {device}: {f}")
     if bad:
-        print(f"{len(bad)} unreadable file(s): run `fleetprune tables validate --tables {args.tables}` for details")
+        print(f"{len(bad)} unreadable file(s): `fleetprune tables validate --tables {args.tables}` tells more")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     table = _open(args.tables).read(args.device)
     frame = table.frame
-    for col, value in (("op", args.op), ("batch", args.batch), ("dtype", args.dtype), ("memory_format", args.memory_format)):
+    filters = {"op": args.op, "batch": args.batch, "dtype": args.dtype, "memory_format": args.memory_format}
+    for col, value in filters.items():
         if value is not None:
             frame = frame[frame[col] == value]
     frame = frame.sort_values(_CONFIG_ORDER, kind="stable")
@@ -160,7 +162,10 @@ def _diff(args: argparse.Namespace) -> int:
     if rows:
         print(_grid(["CONFIGURATION", f"{args.device_a} MS", f"{args.device_b} MS", "B/A"], rows, right={1, 2, 3}))
     only_a, only_b = len(fa.index.difference(fb.index)), len(fb.index.difference(fa.index))
-    print(f"common configurations: {len(common)} ({len(rows)} shown); only in {args.device_a}: {only_a}; only in {args.device_b}: {only_b}")
+    print(
+        f"common configurations: {len(common)} ({len(rows)} shown); "
+        f"only in {args.device_a}: {only_a}; only in {args.device_b}: {only_b}"
+    )
     finite = ratio[np.isfinite(ratio)]
     if len(finite):
         print(
@@ -172,7 +177,10 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
-_CONFIG_ORDER = ["op", "batch", "dtype", "memory_format", "kh", "kw", "sh", "sw", "in_h", "in_w", "groups", "cin", "cout", "act"]
+# Row order of show and diff: by layer signature, then by channels numerically.
+_CONFIG_ORDER = [
+    "op", "batch", "dtype", "memory_format", "kh", "kw", "sh", "sw", "in_h", "in_w", "groups", "cin", "cout", "act"
+]
 
 
 def _text(value: Any) -> str:

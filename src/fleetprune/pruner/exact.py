@@ -1,13 +1,15 @@
 """``--solver exact``: the c_in/c_out coupling modeled exactly as a MILP (method.md §5.4).
 
-Binary ``x[G,k]`` picks option k of class G (exactly one per class). For every pair of distinct
-classes (A, G) that some layer connects (A produces its input, G its output), continuous
-``y[A,G,k,k']`` in [0, 1] stand for the product ``x[A,k] * x[G,k']``. Instead of the spec's
-``y <= x`` rows plus ``sum y = 1`` we write the marginals ``sum_k' y[k,k'] = x[A,k]`` and
-``sum_k y[k,k'] = x[G,k']``: for one-hot x this forces the same unique y (so the model is still
-exact), it needs K_A + K_G rows instead of 2 K_A K_G, and its LP relaxation is tighter. Layers
-sharing a class pair share their y variables (their cost matrices are summed), so the size is
-sum over connected pairs of K_A * K_G. HiGHS solves it through ``scipy.optimize.milp``.
+Binary ``x[G,k]`` picks option k of class G (exactly one per class). A layer whose latency depends
+on two or more classes (its input group(s) and its output group) contributes a *factor*: continuous
+``y[k_1..k_n]`` in [0, 1] over the option combinations of those classes, standing for the product
+``x[G_1,k_1] * ... * x[G_n,k_n]``. Instead of the spec's ``y <= x`` rows plus ``sum y = 1`` we
+write the marginals ``sum over the other axes of y = x[G_i, k_i]`` for every class i and option
+k_i: for one-hot x this forces the same unique y (so the model is still exact), it needs
+``sum_i K_i`` rows instead of ``n * prod_i K_i``, and its LP relaxation is tighter. Layers with the
+same set of classes share one factor (their cost tensors are summed), so for a ResNet the size is
+the spec's sum over connected class pairs of K_A * K_G; a concat of several groups makes a factor
+of higher order. HiGHS solves it through ``scipy.optimize.milp``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from fleetprune.errors import BudgetError
 log = logging.getLogger(__name__)
 
 
+class SolverLimitError(BudgetError):
+    """The exact solver cannot answer within its limits (time, problem size); the DP still can."""
+
+
 @dataclass
 class CoupledProblem:
-    """The width problem with exact pairwise latency.
+    """The width problem with exact latency coupling.
 
     Attributes:
         classes: class (group) names, in a fixed order.
@@ -36,8 +42,8 @@ class CoupledProblem:
         values: per class, the option values (aligned with ``options``).
         unary: per class, latency that depends on that class alone (ms per option): layers whose
             other side is fixed, and depthwise layers (in and out both the class).
-        pairs: ``(in_class, out_class) -> cost[k_in, k_out]`` (ms), summed over the layers that
-            connect them.
+        factors: ``(class_1, ..., class_n) -> cost tensor`` (ms, one axis per class, n >= 2),
+            summed over the layers that depend on exactly those classes.
         constant: latency of layers touching no class, plus the model's fixed part (ms).
     """
 
@@ -45,7 +51,7 @@ class CoupledProblem:
     options: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
     unary: dict[str, np.ndarray] = field(default_factory=dict)
-    pairs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    factors: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict)
     constant: float = 0.0
 
     def latency(self, choice: Mapping[str, int]) -> float:
@@ -53,8 +59,8 @@ class CoupledProblem:
         total = self.constant
         for g in self.classes:
             total += float(self.unary[g][choice[g]])
-        for (a, g), cost in self.pairs.items():
-            total += float(cost[choice[a], choice[g]])
+        for key, cost in self.factors.items():
+            total += float(cost[tuple(choice[g] for g in key)])
         return total
 
     def value(self, choice: Mapping[str, int]) -> float:
@@ -62,9 +68,9 @@ class CoupledProblem:
         return float(sum(self.values[g][choice[g]] for g in self.classes))
 
     @property
-    def n_pair_variables(self) -> int:
+    def n_factor_variables(self) -> int:
         """How many y variables the MILP has."""
-        return int(sum(c.size for c in self.pairs.values()))
+        return int(sum(c.size for c in self.factors.values()))
 
 
 @dataclass(frozen=True)
@@ -84,12 +90,17 @@ def build_coupled_problem(
     current: Mapping[str, int],
     options: Mapping[str, Sequence[int]],
     values: Mapping[str, Sequence[float]],
+    *,
+    max_factor_size: int = 200_000,
 ) -> CoupledProblem:
     """Assemble the exact problem from a :class:`~fleetprune.pruner.latency.LatencyModel`.
 
     Groups that are not in ``options`` stay at their ``current`` width.
+
+    Raises:
+        SolverLimitError: one layer's factor (a concat of many pruned groups) would exceed
+            ``max_factor_size`` variables; use the DP solver for such a model.
     """
-    full = latency_model.full_widths(current)
     classes = list(options)
     opts = {g: np.asarray(options[g], dtype=np.int64) for g in classes}
     prob = CoupledProblem(
@@ -100,22 +111,22 @@ def build_coupled_problem(
         constant=float(latency_model.fixed_ms),
     )
     for layer in latency_model.layers:
-        a, g = layer.in_group, layer.out_group
-        a_cls = a is not None and a in opts
-        g_cls = g is not None and g in opts
-        a_fixed = None if a is None else [full[a]]
-        g_fixed = None if g is None else [full[g]]
-        if a_cls and g_cls and a == g:  # depthwise: one width on both sides
-            prob.unary[g] += np.array([latency_model.layer_ms(layer, int(w), int(w)) for w in opts[g]])
-        elif a_cls and g_cls:
-            cost = latency_model.pair_costs(layer, opts[a], opts[g])
-            prob.pairs[(a, g)] = prob.pairs.get((a, g), 0.0) + cost
-        elif g_cls:
-            prob.unary[g] += latency_model.pair_costs(layer, a_fixed, opts[g])[0]
-        elif a_cls:
-            prob.unary[a] += latency_model.pair_costs(layer, opts[a], g_fixed)[:, 0]
+        key = tuple(g for g in latency_model.depends_on(layer) if g in opts)
+        size = int(np.prod([len(opts[g]) for g in key])) if key else 1
+        if size > max_factor_size:
+            raise SolverLimitError(
+                f"the exact solver would need {size} variables for layer {layer.name} (it reads {len(key)} pruned "
+                "groups at once); use --solver dp for this model"
+            )
+        order = sorted(range(len(key)), key=lambda i: classes.index(key[i]))
+        key = tuple(key[i] for i in order)  # canonical class order, so layers with one class set share a factor
+        cost = latency_model.cost_tensor(layer, key, options, current)
+        if not key:
+            prob.constant += float(cost)
+        elif len(key) == 1:
+            prob.unary[key[0]] += cost
         else:
-            prob.constant += float(latency_model.pair_costs(layer, a_fixed, g_fixed)[0, 0])
+            prob.factors[key] = prob.factors.get(key, 0.0) + cost
     return prob
 
 
@@ -131,8 +142,8 @@ def solve_coupled_milp(
     Returns the best solution HiGHS found; ``optimal`` is False when the time limit stopped it.
 
     Raises:
-        BudgetError: the problem is infeasible (the budget is below the minimum latency), or no
-            feasible solution was found within the time limit.
+        BudgetError: the problem is infeasible (the budget is below the minimum latency).
+        SolverLimitError: no feasible solution was found within the time limit.
     """
     classes = problem.classes
     x_off, n = {}, 0
@@ -141,7 +152,7 @@ def solve_coupled_milp(
         n += len(problem.options[g])
     n_x = n
     y_off = {}
-    for key, cost in problem.pairs.items():
+    for key, cost in problem.factors.items():
         y_off[key] = n
         n += cost.size
 
@@ -151,7 +162,7 @@ def solve_coupled_milp(
         k = len(problem.options[g])
         c[x_off[g]:x_off[g] + k] = -problem.values[g]
         budget_row[x_off[g]:x_off[g] + k] = problem.unary[g]
-    for key, cost in problem.pairs.items():
+    for key, cost in problem.factors.items():
         budget_row[y_off[key]:y_off[key] + cost.size] = cost.ravel()
 
     rows, cols, data, lo, hi = [], [], [], [], []
@@ -169,21 +180,19 @@ def solve_coupled_milp(
     for g in classes:  # exactly one option per class
         k = len(problem.options[g])
         add_row(np.arange(x_off[g], x_off[g] + k), np.ones(k), 1.0, 1.0)
-    for (a, g), cost in problem.pairs.items():
-        ka, kg = cost.shape
-        base = y_off[(a, g)]
-        grid = base + np.arange(ka * kg).reshape(ka, kg)
-        for i in range(ka):  # sum_k' y[i,k'] = x[a,i]
-            add_row(np.append(grid[i], x_off[a] + i), np.append(np.ones(kg), -1.0), 0.0, 0.0)
-        for j in range(kg):  # sum_k y[k,j] = x[g,j]
-            add_row(np.append(grid[:, j], x_off[g] + j), np.append(np.ones(ka), -1.0), 0.0, 0.0)
+    for key, cost in problem.factors.items():
+        grid = y_off[key] + np.arange(cost.size).reshape(cost.shape)
+        for axis, g in enumerate(key):  # marginal of y along each class equals that class's x
+            for k in range(cost.shape[axis]):
+                cells = np.take(grid, k, axis=axis).ravel()
+                add_row(np.append(cells, x_off[g] + k), np.append(np.ones(cells.size), -1.0), 0.0, 0.0)
     nz = np.flatnonzero(budget_row)
     add_row(nz, budget_row[nz], -np.inf, budget_ms - problem.constant)
 
     a_mat = sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
     integrality = np.zeros(n)
     integrality[:n_x] = 1
-    log.debug("MILP: %d binaries, %d pair variables, %d rows", n_x, n - n_x, r)
+    log.debug("MILP: %d binaries, %d factor variables, %d rows", n_x, n - n_x, r)
     start = time.perf_counter()
     res = milp(
         c,
@@ -196,7 +205,7 @@ def solve_coupled_milp(
     if res.x is None:
         if res.status == 2:
             raise BudgetError(f"the exact solver finds no width choice within {budget_ms:.4g} ms; raise the budget")
-        raise BudgetError(
+        raise SolverLimitError(
             f"the exact solver found no feasible width choice within its {time_limit_s:g} s time limit "
             f"({res.message}); raise the time limit or use --solver dp"
         )

@@ -15,9 +15,11 @@ Rules decided here (method.md §3; docs/internals.md restates them):
   are the differences of consecutive choices (the first choice is the mandatory unit).
 * Fixed width (``prunable=False``, with a ``reason``): a group whose channels reach the model output
   (the classifier), that a grouped (non-depthwise) conv reads or writes, that a GroupNorm with
-  ``1 < num_groups < C`` normalises, that some layer reads only in part (split/slice), whose layer
-  output is split across several groups, whose depthwise conv reads the model input, or that has
-  one choice only.
+  ``1 < num_groups < C`` or a multi-dim LayerNorm normalises, that some layer reads only in part
+  (split/slice), whose layer output is split across several groups, whose depthwise conv reads the
+  model input, or that has one choice only.
+* Grouped convs: Torch-Pruning would remove channels unevenly across the conv's groups, so both
+  the group it reads and the group it writes are fixed (ResNeXt/RegNet keep only their stages).
 * A layer refers only to prunable groups: ``in_group``/``out_group`` ``None`` means that side is
   fixed. A layer whose input is a concat of groups or a flatten of one keeps the exact recipe in
   ``in_parts`` (group, multiplier) + ``in_fixed``; ``in_group`` is set only when the input is
@@ -425,7 +427,10 @@ def build_plan(
     except FleetpruneError:
         raise
     except Exception as exc:  # a model TP cannot trace: name the model, keep the cause
-        raise ModelError(f"cannot trace {type(model).__name__} with input {tuple(example_input.shape)}: {exc}") from exc
+        raise ModelError(
+            f"Torch-Pruning cannot build the dependency graph of {type(model).__name__} for input "
+            f"{tuple(example_input.shape)} ({type(exc).__name__}: {exc}); try the model's usual input size"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
@@ -499,6 +504,9 @@ def _collect_groups(graph: Any, out_fns: set[Any], names: dict[nn.Module, str]) 
                     g.reasons.append(f"grouped conv {names[m]} (groups={m.groups}) needs channels removed evenly per group")
             elif isinstance(m, nn.GroupNorm) and 1 < m.num_groups < m.num_channels:
                 g.reasons.append(f"GroupNorm {names.get(m, m)} has {m.num_groups} groups")
+            elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) > 1:
+                # Torch-Pruning cuts the last normalised dim, which is not the channel dim here.
+                g.reasons.append(f"LayerNorm {names.get(m, m)} normalises {tuple(m.normalized_shape)}")
             if writes_here and node.grad_fn in out_fns:
                 g.reasons.append("its channels are a model output")
         raw.append(g)

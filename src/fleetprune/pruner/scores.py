@@ -117,11 +117,29 @@ def _out_rows(module: nn.Module, name: str, width: int) -> torch.Tensor:
     return w
 
 
-def _in_columns(module: nn.Module, name: str, width: int) -> torch.Tensor:
-    """A consumer's weight as (width, everything else): the slice that reads each input channel."""
+def _reads_only(layer: Any, group: Any) -> bool:
+    """Whether a consumer's whole input is this one group (not a concat with others)."""
+    if layer is None:
+        return True
+    parts = getattr(layer, "in_parts", None)
+    if parts is not None and len(parts) > 0:
+        return len(parts) == 1 and parts[0][0] == group.name and not getattr(layer, "in_fixed", 0)
+    return layer.in_group == group.name
+
+
+def _in_columns(module: nn.Module, name: str, group: Any, layer: Any) -> torch.Tensor | None:
+    """A consumer's weight as (width, everything else): the slice that reads each input channel.
+
+    None when the consumer reads a concat of several groups: the plan does not record where in
+    the concat this group sits, so its slice is left out rather than guessed.
+    """
+    width = group.width
     w = getattr(module, "weight", None)
     if w is None or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         raise ModelError(f"consumer {name!r} ({type(module).__name__}) is not a conv or linear layer")
+    if not _reads_only(layer, group):
+        log.debug("consumer %s reads a concat; its input slices are left out of group %s", name, group.name)
+        return None
     w = w.detach().to("cpu", torch.float64)
     if isinstance(module, nn.Linear):
         if w.shape[1] % width:
@@ -140,7 +158,8 @@ def _in_columns(module: nn.Module, name: str, width: int) -> torch.Tensor:
         w = w.reshape(groups, out_per_group, cin_per_group, -1)
         cols = w.permute(0, 2, 1, 3).reshape(groups * cin_per_group, -1)
     if cols.shape[0] != width:
-        raise ModelError(f"consumer {name!r} reads {cols.shape[0]} channels but its group has width {width}")
+        raise ModelError(f"consumer {name!r} reads {cols.shape[0]} channels but its group has width {width}; "
+                         "rebuild the plan from this model")
     return cols
 
 
@@ -181,7 +200,9 @@ class SPLampImportance:
                 if name in group.members:
                     continue  # a depthwise conv is both; count its filters once
                 module = _module(model, name)
-                rows = _in_columns(module, name, group.width)
+                rows = _in_columns(module, name, group, layers.get(name))
+                if rows is None:
+                    continue
                 if self.fold_bn and isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
                     # the consumer's BN scales its output rows; fold it before slicing by input
                     scale = _bn_scale(model, getattr(layers.get(name), "bn", None), module.out_channels)
@@ -244,7 +265,9 @@ class L1Importance:
         if self.include_consumers:
             for name in group.consumers:
                 if name not in group.members:
-                    parts.append(_in_columns(_module(model, name), name, group.width).abs().sum(1))
+                    cols = _in_columns(_module(model, name), name, group, layers.get(name))
+                    if cols is not None:
+                        parts.append(cols.abs().sum(1))
         out = torch.stack(parts).mean(0)
         return torch.where(alive, out, torch.zeros_like(out))
 

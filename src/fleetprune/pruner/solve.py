@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fleetprune.errors import BudgetError
-from fleetprune.pruner.exact import build_coupled_problem, solve_coupled_milp
+from fleetprune.pruner.exact import SolverLimitError, build_coupled_problem, solve_coupled_milp
 from fleetprune.pruner.knapsack import DEFAULT_RESOLUTION, solve_mckp
 from fleetprune.pruner.scores import alive_mask
 from fleetprune.pruner.units import GroupUnits, group_units
@@ -187,15 +187,13 @@ def _dp(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[str, 
 def _exact(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[str, int], budget_ms: float,
            time_limit_s: float, resolution: int) -> WidthChoice:
     options = {g: list(u.widths) for g, u in units.items()}
-    problem = build_coupled_problem(latency_model, current, options, {g: u.values for g, u in units.items()})
     try:
+        problem = build_coupled_problem(latency_model, current, options, {g: u.values for g, u in units.items()})
         sol = solve_coupled_milp(problem, budget_ms, time_limit_s=time_limit_s)
-    except BudgetError as exc:
-        if "time limit" not in str(exc):
-            raise
+    except SolverLimitError as exc:
         log.warning("exact solver: %s; falling back to the knapsack DP", exc)
         result = _dp(latency_model, units, current, budget_ms, resolution)
-        result.notes.append(f"exact solver found nothing in {time_limit_s:g} s; used dp")
+        result.notes.append(f"exact solver gave up ({exc}); used dp")
         return result
     widths = dict(current)
     widths.update({g: options[g][k] for g, k in sol.choice.items()})

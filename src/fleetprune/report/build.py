@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import pandas as pd
@@ -11,9 +10,6 @@ from fleetprune.report import plots
 from fleetprune.report.families import choose_family
 from fleetprune.report.html import Section, figure, note, paragraph, table
 from fleetprune.report.load import TableRoot, VariantsFolder
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Report:
@@ -51,14 +47,13 @@ def variants_report(folder: VariantsFolder) -> Report:
     missing = [v.device_key for v in variants if v.measured_ms is None]
     if missing:
         overview.parts.append(note(
-            f"No measured latency for {', '.join(missing)} (device not reachable when pruning); "
+            f"No measured latency for {', '.join(missing)} (not measured when pruned); "
             "run `fleetprune validate` on that device to measure it."
         ))
 
-    widths_fig = plots.widths_plot(variants, colors)
+    groups, dense = folder.groups, folder.dense_widths
+    widths_fig = plots.widths_plot(variants, groups, dense, colors)
     figs.append(widths_fig)
-    groups = list(dict.fromkeys(g for v in variants for g in v.widths))
-    dense = {g: w for v in variants for g, w in v.dense_widths.items()}
     widths = Section("Kept width per group", [figure(widths_fig), table(
         ["group", "dense"] + [v.device_key for v in variants],
         [[g, dense.get(g)] + [v.widths.get(g) for v in variants] for g in groups],
@@ -106,12 +101,18 @@ def _validation_section(frame: pd.DataFrame | None, colors: dict[str, tuple]) ->
         f"Every validation row (dense models as squares, pruned variants as circles; bars: measured "
         f"p10 to p90) against the prediction from the latency table; the band marks ±{plots.BAND:.0%}.",
     )
-    rel = (rows["predicted_ms"] - rows["measured_ms"]) / rows["measured_ms"]
-    stats = [
-        [device, len(g), float(rel[g.index].abs().mean()), float((rel[g.index].abs() <= plots.BAND).mean())]
-        for device, g in rows.groupby("device_key")
-    ]
-    section.parts += [figure(fig), table(["device", "rows", "mean |rel. error|", "within ±10%"], stats)]
+    header = ["device", "rows", "mean |rel. error|", "within ±10%"]
+    corrected = "corrected_ms" in rows.columns  # validate --fit adds the calibrated prediction
+    if corrected:
+        header.append("mean |rel. error| corrected")
+    stats = []
+    for device, g in rows.groupby("device_key"):
+        rel = ((g["predicted_ms"] - g["measured_ms"]) / g["measured_ms"]).abs()
+        stats.append([device, len(g), float(rel.mean()), float((rel <= plots.BAND).mean())])
+        if corrected:
+            fit = ((g["corrected_ms"] - g["measured_ms"]) / g["measured_ms"]).abs()
+            stats[-1].append(float(fit.mean()) if fit.notna().any() else None)
+    section.parts += [figure(fig), table(header, stats)]
     return section, [fig]
 
 
@@ -132,8 +133,9 @@ def tables_report(root: TableRoot, layer: str | None = None) -> Report:
             for d, f in root.tables.items()
         ],
     )])
+    overview.parts += [note(text) for text in root.notes]
     if not devices:
-        overview.parts.append(note("This root holds no latency tables, only validation rows."))
+        overview.parts.append(note("This root holds no readable latency tables."))
 
     staircase = Section("Latency staircase")
     family = choose_family(root.tables, layer) if devices else None

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from fleetprune.errors import FleetpruneError, ReportError
+from fleetprune.tables import TableStore
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ class VariantsFolder:
 
     root: Path
     variants: list[Variant]
+
+    @property
+    def groups(self) -> list[str]:
+        """Every group name, in the order the variants list them."""
+        return list(dict.fromkeys(g for v in self.variants for g in v.widths))
+
+    @property
+    def dense_widths(self) -> dict[str, int]:
+        """The dense width of every group any variant records one for."""
+        return {g: w for v in self.variants for g, w in v.dense_widths.items()}
 
 
 @dataclass
@@ -240,27 +251,30 @@ def _select(known: list[str], wanted: list[str] | None, root: Path) -> list[str]
 
 def load_tables(root: Path, devices: list[str] | None = None) -> TableRoot:
     """Read every device's newest rows of a table root, and its validation rows if present."""
-    from fleetprune.tables.store import TableStore
-
-    store = TableStore(str(root))
     try:
+        store = TableStore(str(root))
         summaries = store.devices()
-        for s in summaries:
-            if s.bad_files:
-                log.warning("device %s: unreadable table files %s", s.device_key, ", ".join(s.bad_files))
         keys = _select(sorted(s.device_key for s in summaries if s.rows), devices, root)
-        tables = {}
-        provenance = {}
-        for key in keys:
-            table = store.read(key)
-            tables[key] = table.frame
-            provenance[key] = dict(table.provenance or {})
+        read = {key: store.read(key) for key in keys}
     except ReportError:
         raise
-    except FleetpruneError as exc:
+    except FleetpruneError as exc:  # TableStore speaks TableError; the report verb speaks ReportError
         raise ReportError(f"cannot read the latency tables under {root}: {exc}") from exc
-    validation = load_validation(root, keys if devices else None)
-    return TableRoot(root=root, tables=tables, provenance=provenance, validation=validation)
+    notes = [
+        f"device {s.device_key}: unreadable table files {', '.join(s.bad_files)}; "
+        f"run `fleetprune tables validate --tables {root}` to see why"
+        for s in summaries
+        if s.bad_files
+    ]
+    for text in notes:
+        log.warning(text)
+    return TableRoot(
+        root=root,
+        tables={key: t.frame for key, t in read.items()},
+        provenance={key: dict(t.provenance or {}) for key, t in read.items()},
+        validation=load_validation(root, keys if devices else None),
+        notes=notes,
+    )
 
 
 def load_validation(root: Path, devices: list[str] | None = None) -> pd.DataFrame | None:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from fleetprune.report.families import Family, family_rows
 from fleetprune.report.load import Variant
@@ -52,13 +52,20 @@ def _figure(width_px: int, height_px: int) -> Figure:
     return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
 
 
+class _PlainLogFormatter(LogFormatter):
+    """Matplotlib's log tick labelling (minor ticks labelled only on short ranges), as 0.1 not 1e-01."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
 def _log(ax, *, x: bool = True, y: bool = True) -> None:
     """Log axes labelled in plain numbers (0.5, 2, 10) instead of powers of ten."""
     for on, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
         if on:
             set_scale("log")
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(FormatStrFormatter("%g"))
+            axis.set_major_formatter(_PlainLogFormatter())
+            axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
 
 
 def device_colors(devices: list[str]) -> dict[str, tuple]:
@@ -69,10 +76,10 @@ def device_colors(devices: list[str]) -> dict[str, tuple]:
     return {d: cmap(i % 10) for i, d in enumerate(devices)}
 
 
-def widths_plot(variants: list[Variant], colors: dict[str, tuple]) -> Plot:
+def widths_plot(
+    variants: list[Variant], groups: list[str], dense: dict[str, int], colors: dict[str, tuple]
+) -> Plot:
     """Kept width of every group, one bar per device side by side, dense width as an outline."""
-    groups = list(dict.fromkeys(g for v in variants for g in v.widths))
-    dense = {g: w for v in variants for g, w in v.dense_widths.items()}
     n = len(variants)
     # Wide enough for readable group labels on large networks, capped so the PNG stays small.
     width_px = int(min(3000, max(900, 60 + len(groups) * (18 * n + 14))))

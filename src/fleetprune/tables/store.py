@@ -4,8 +4,9 @@ Layout: ``ROOT/device_key=<KEY>/part-<utc-stamp>-<uuid>.parquet``. Every write a
 file (written under a ``.``-prefixed temporary name, then moved into place), so a killed writer
 leaves at most a hidden temporary file that readers, like pyarrow's own datasets, ignore.
 Re-profiling appends; readers keep the newest row per key (latest ``measured_at``, then the later
-part file, then the later row within a file). The same folder reads with
-``pyarrow.dataset.dataset(ROOT, partitioning="hive")`` or ``pandas.read_parquet(ROOT)``.
+part file, then the later row within a file). Other tools read the device folders as ordinary
+Hive-partitioned Parquet (``pyarrow.dataset.dataset(ROOT, partitioning="hive")``).
+End-to-end validation rows, which are not layer measurements, go to ``ROOT/validation.parquet/``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from fleetprune.tables.table import LatencyTable
 log = logging.getLogger(__name__)
 
 PARTITION = "device_key="
+# End-to-end validation rows live beside the device folders (written by `fleetprune validate`).
+VALIDATION = "validation.parquet"
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # How many example keys a defect's detail names.
 _EXAMPLES = 5
@@ -161,11 +164,13 @@ class TableStore:
             TableError: a source or destination file is unreadable or of a newer schema.
         """
         src = other if isinstance(other, TableStore) else TableStore(other)
-        plan = [(key, src._scan(key, dirpath, strict=True)[0]) for key, dirpath in src._device_dirs().items()]
+        plan = [
+            (check_device_key(key), src._scan(key, dirpath, strict=True)[0])
+            for key, dirpath in src._device_dirs().items()
+        ]
         own_dirs = self._device_dirs()
         copied = 0
         for device_key, parts in plan:
-            check_device_key(device_key)
             have: set[tuple[str, int]] = set()
             have_prov: set[str] = set()
             if device_key in own_dirs:
@@ -187,6 +192,61 @@ class TableStore:
                 copied += len(keep)
         log.info("merged %d rows from %s into %s", copied, src.root, self.root)
         return copied
+
+    def set_correction(
+        self, device_key: str, correction: dict[str, Any], provenance: dict[str, Any] | None = None
+    ) -> str:
+        """Record a fitted end-to-end calibration ``measured ~ a * predicted + b`` for a device.
+
+        Appends a row-less part file whose provenance is ``provenance`` (default: the device's
+        current one) with ``correction`` set, so ``read(device_key).correction`` returns it and
+        no measurement is touched. Returns the part file's path.
+
+        Raises:
+            TableError: ``correction`` lacks finite numbers ``a`` and ``b``.
+        """
+        try:
+            a, b = float(correction["a"]), float(correction["b"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TableError(f"a correction needs numbers 'a' and 'b', got {correction!r}") from exc
+        if not (np.isfinite(a) and np.isfinite(b)):
+            raise TableError(f"a correction needs finite 'a' and 'b', got a={a}, b={b}")
+        if provenance is None:
+            provenance = self.read(device_key).provenance
+        prov = {k: v for k, v in provenance.items() if k != "merged_from"}
+        prov["correction"] = dict(correction, a=a, b=b)
+        return self.write(device_key, [], prov)
+
+    def append_validation(self, rows: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> str:
+        """Append end-to-end validation rows (see docs/internals.md) to ``ROOT/validation.parquet``.
+
+        ``validation.parquet`` is a folder of part files, each written atomically like table parts,
+        so runs append without rewriting; ``pandas.read_parquet`` reads the folder as one table.
+        A single file left there by an older writer is moved into the folder first. Returns the
+        new part's path, or "" when ``rows`` is empty.
+
+        Raises:
+            TableError: the rows do not form a table, or the filesystem refused the write.
+        """
+        if not rows:
+            return ""
+        try:
+            table = pa.Table.from_pylist(list(rows))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise TableError(f"validation rows do not form a table: {exc}") from exc
+        table = with_provenance(table, dict(provenance or {}))
+        folder = posixpath.join(self._base, VALIDATION)
+        try:
+            if self._fs.get_file_info(folder).type == pafs.FileType.File:
+                hidden = posixpath.join(self._base, f".{VALIDATION}.{uuid.uuid4().hex[:12]}.tmp")
+                self._fs.move(folder, hidden)
+                self._fs.create_dir(folder, recursive=True)
+                self._fs.move(hidden, posixpath.join(folder, "part-00000000T000000000000Z-first.parquet"))
+        except (OSError, pa.ArrowException) as exc:
+            raise TableError(f"cannot turn {self._display(folder)} into a folder of parts: {exc}") from exc
+        final = self._write_atomic(folder, table)
+        log.info("appended %d validation rows to %s", table.num_rows, self._display(final))
+        return self._display(final)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -331,7 +391,8 @@ class TableStore:
                 if version > SCHEMA_VERSION:
                     raise _BadPart(
                         "newer_schema",
-                        f"written with table schema version {version}; this fleetprune reads up to {SCHEMA_VERSION}",
+                        f"written with table schema version {version}; "
+                        f"this fleetprune reads up to {SCHEMA_VERSION}",
                     )
                 table = pf.read()
         except _BadPart:
@@ -363,20 +424,25 @@ class TableStore:
         )
 
     def _write_table(self, device_key: str, table: pa.Table) -> str:
+        # Hive style: the device key lives in the folder name (and the provenance), not in a
+        # column, so pyarrow datasets and pandas read a device folder (or the root) as is.
         dirpath = posixpath.join(self._base, PARTITION + device_key)
+        final = self._write_atomic(dirpath, table.drop_columns(["device_key"]))
+        log.info("wrote %d rows for %s to %s", table.num_rows, device_key, self._display(final))
+        return self._display(final)
+
+    def _write_atomic(self, dirpath: str, table: pa.Table) -> str:
+        """Write ``table`` as a new part file in ``dirpath``: whole, or not at all."""
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
         final = posixpath.join(dirpath, name)
         tmp = posixpath.join(dirpath, f".{name}.tmp")
         try:
             self._fs.create_dir(dirpath, recursive=True)
-            # Hive style: the device key lives in the folder name (and the provenance), not in a
-            # column, so pandas.read_parquet(ROOT) and pyarrow datasets read the root as is.
-            on_disk = table.drop_columns(["device_key"])
             with self._fs.open_output_stream(tmp) as out:
-                pq.write_table(on_disk, out, compression="zstd")
+                pq.write_table(table, out, compression="zstd")
             local = isinstance(self._fs, pafs.LocalFileSystem)
-            if local:
+            if local:  # a rename is only durable once the data and the folder entry are on disk
                 _fsync(tmp)
             self._fs.move(tmp, final)
             if local:
@@ -389,8 +455,7 @@ class TableStore:
             if isinstance(exc, (OSError, pa.ArrowException)):
                 raise TableError(f"cannot write to the table root {self.root}: {exc}") from exc
             raise
-        log.info("wrote %d rows for %s to %s", table.num_rows, device_key, self._display(final))
-        return self._display(final)
+        return final
 
 
 def _open_root(root: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -501,12 +566,14 @@ def _row_defects(device_key: str, shown: str, table: pa.Table) -> Iterable[Defec
     dups = counts[counts > 1]
     if len(dups):
         listed = [f"{k} (x{n})" for k, n in dups.items()]
-        yield Defect(device_key, shown, "duplicate_key", f"{len(dups)} keys repeated in one file: {_examples(listed, len(listed))}")
+        detail = f"{len(dups)} keys repeated in one file: {_examples(listed, len(listed))}"
+        yield Defect(device_key, shown, "duplicate_key", detail)
     found: dict[str, list[str]] = {}
     cols = {c: table.column(c).to_pylist() for c in ("lat_ms_median", "lat_ms_p10", "lat_ms_p90", "device_key")}
     records = table.select(list(CONFIG_COLUMNS)).to_pylist()
     for i, key in enumerate(keys):
-        for kind, detail in latency_defects(cols["lat_ms_median"][i], cols["lat_ms_p10"][i], cols["lat_ms_p90"][i]):
+        numbers = (cols["lat_ms_median"][i], cols["lat_ms_p10"][i], cols["lat_ms_p90"][i])
+        for kind, detail in latency_defects(*numbers):
             found.setdefault(kind, []).append(f"{key} ({detail})")
         try:
             real = LayerConfig.from_row(records[i]).key

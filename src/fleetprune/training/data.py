@@ -311,10 +311,7 @@ def _decode(blob: torch.Tensor, offsets: np.ndarray, rows: np.ndarray, path: Pat
     out = torch.empty((len(rows), 3, 32, 32), dtype=torch.uint8)
     chunks = [blob[offsets[r]:offsets[r + 1]] for r in rows]
     try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 warns that its decoders move to torchcodec; Pillow stays the fallback.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
     except Exception:  # noqa: BLE001 - torchvision missing or built for another torch
         decode_jpeg = None
     step = 4096
@@ -323,7 +320,10 @@ def _decode(blob: torch.Tensor, offsets: np.ndarray, rows: np.ndarray, path: Pat
         decoded = None
         if decode_jpeg is not None:
             try:
-                decoded = decode_jpeg(part, mode=ImageReadMode.RGB)
+                with warnings.catch_warnings():
+                    # torchvision 0.29 says its decoders move to torchcodec; Pillow is the fallback.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    decoded = decode_jpeg(part, mode=ImageReadMode.RGB)
             except RuntimeError:
                 decoded = None  # let Pillow find and name the bad row
         if decoded is None:

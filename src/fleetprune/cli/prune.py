@@ -1,0 +1,105 @@
+"""``fleetprune prune MODEL --tables ROOT --device DEV[,DEV...]|all --budget B --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``prune`` verb to the ``fleetprune`` parser."""
+    p = subparsers.add_parser(
+        "prune",
+        help="prune a model separately for each device from that device's latency table",
+        description="For each device: SP-LAMP scores and a multiple-choice knapsack over the device's "
+        "measured layer latencies, in K progressive steps, then physical channel removal. Writes "
+        "DIR/<device>/ (widths.json, weights.pt, model.ts, report.json) and DIR/summary.json.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model name, e.g. resnet56, resnet18, mobilenet_v2")
+    p.add_argument("--tables", default="tables", metavar="ROOT", help="table root (default: ./tables)")
+    p.add_argument("--device", required=True, metavar="DEV[,DEV...]|all",
+                   help="device keys of the table root, comma-separated, or 'all'")
+    p.add_argument("--budget", required=True,
+                   help="latency budget: a fraction of dense (0.5, 50%%), an absolute time (12ms, 800us) or a speed-up (2x)")
+    p.add_argument("--steps", type=int, default=30, metavar="K", help="progressive pruning steps (default 30)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the variants")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the variants of these devices in a non-empty --out")
+    p.add_argument("--weights", metavar="CKPT", help="local checkpoint (state_dict) of the dense model")
+    p.add_argument("--num-classes", type=int, help="classifier outputs, if not the model's default")
+    p.add_argument("--input-size", metavar="H[xW]", help="input size instead of the model's default (e.g. 64)")
+    p.add_argument("--method", default="sp_lamp", choices=["sp_lamp", "l1", "random", "uniform"],
+                   help="channel selection (default sp_lamp)")
+    p.add_argument("--solver", default="dp", choices=["dp", "exact"],
+                   help="dp: multiple-choice knapsack (default); exact: MILP with c_in/c_out coupling")
+    p.add_argument("--batch", type=int, help="batch size to prune for (default: the table's only one)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype (default: the table's only one)")
+    p.add_argument("--memory-format", choices=["nchw", "nhwc"], help="memory format (default: the table's only one)")
+    p.add_argument("--round-to", type=int, help="channel alignment of units (default 16 for fp32, else 8)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="do not measure end to end even when a device is this machine")
+    p.add_argument("--quick", action="store_true", help="short timing protocol for the measurements (noisier)")
+    p.add_argument("--data", metavar="PATH", default=os.environ.get("FLEETPRUNE_CIFAR"),
+                   help="CIFAR-10 Parquet file for fine-tuning between steps (with --finetune-iters)")
+    p.add_argument("--finetune-iters", type=int, default=0, metavar="N",
+                   help="SGD iterations of fine-tuning after each step (default 0: none)")
+    p.set_defaults(func=run)
+
+
+def _input_size(text: str | None) -> tuple[int, int] | None:
+    from fleetprune.errors import FleetpruneError
+
+    if not text:
+        return None
+    try:
+        parts = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        raise FleetpruneError(f"--input-size must be H or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise FleetpruneError(f"--input-size must be H or HxW, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f} ms"
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleetprune.api.prune import prune
+    from fleetprune.errors import DataError, FleetpruneError
+    from fleetprune.profiler import TimingProtocol
+
+    finetune = None
+    if args.finetune_iters < 0:
+        raise FleetpruneError("--finetune-iters must be >= 0")
+    if args.finetune_iters:
+        if not args.data:
+            raise DataError("--finetune-iters needs the training data: pass --data PATH to cifar10-jpeg.parquet")
+        from fleetprune.training import load_cifar10, make_finetune_hook
+
+        data = load_cifar10(args.data)
+
+        def finetune(device_key: str):  # noqa: ANN202 - a fresh hook per device
+            return make_finetune_hook(data, iters_per_step=args.finetune_iters, total_steps=args.steps)
+
+    printed: list[str] = []
+
+    def done(r) -> None:  # noqa: ANN001
+        if not printed:
+            print(f"{'device':<36} {'dense':>12} {'budget':>12} {'predicted':>12} {'measured':>12}")
+        printed.append(r.device_key)
+        print(f"{r.device_key:<36} {_fmt(r.dense_ms):>12} {_fmt(r.budget_ms):>12} {_fmt(r.predicted_ms):>12} "
+              f"{_fmt(r.measured_ms):>12}", flush=True)
+
+    results = prune(
+        args.model, tables=args.tables, devices=args.device, budget=args.budget, out=args.out, steps=args.steps,
+        weights=args.weights, num_classes=args.num_classes, input_size=_input_size(args.input_size),
+        method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
+        memory_format=args.memory_format, round_to=args.round_to, overwrite=args.overwrite,
+        finetune=finetune, measure=not args.no_measure,
+        protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
+    )
+    print(f"{len(results)} variant{'s' if len(results) != 1 else ''} written to {args.out}")
+    return 0
