@@ -21,7 +21,7 @@ SMALL_COUTS = (16, 32, 48, 64)
 
 
 def make_variants(root: Path, *, measured: tuple[bool, ...] = (True, False), steps: int = 5) -> Path:
-    """A variants folder as ``fleetprune prune --out`` writes it; the first device has a measurement."""
+    """A variants folder as ``fleetprune prune --out`` writes it (api/prune.py); the first device is measured."""
     root.mkdir(parents=True, exist_ok=True)
     plan = {"groups": [{"name": g, "width": w, "unit": 8, "prunable": g != "fc_in"} for g, w in GROUPS.items()]}
     for i, device in enumerate(VARIANT_DEVICES):
@@ -38,10 +38,12 @@ def make_variants(root: Path, *, measured: tuple[bool, ...] = (True, False), ste
         targets = [dense_ms ** (1 - t / steps) * budget_ms ** (t / steps) for t in range(1, steps + 1)]
         report = {
             "device_key": device,
+            "model": "resnet20",
             "budget_ms": budget_ms,
             "dense_ms": dense_ms,
+            "dense_measured_ms": dense_ms if measured[i] else None,
             "fixed_ms": 0.1,
-            "fixed_source": "table",
+            "fixed_source": "measured" if measured[i] else "table only",
             "steps": [
                 {"step": t, "target_ms": c, "predicted_ms": c * 0.97, "solver_time_s": 0.01, "widths": widths}
                 for t, c in enumerate(targets, start=1)
@@ -51,10 +53,13 @@ def make_variants(root: Path, *, measured: tuple[bool, ...] = (True, False), ste
             "solver_time_s": 0.05,
             "widths": widths,
         }
+        if i == 0:  # the second device's dense widths come from the plan in widths.json
+            report["dense_widths"] = dict(GROUPS)
         (folder / "report.json").write_text(json.dumps(report))
         (folder / "weights.pt").write_bytes(b"stand-in")
         (folder / "model.ts").write_bytes(b"stand-in")
-    (root / "summary.json").write_text(json.dumps({"devices": list(VARIANT_DEVICES)}))
+    summary = [{"device_key": d, "model": "resnet20"} for d in VARIANT_DEVICES]
+    (root / "summary.json").write_text(json.dumps({"model": "resnet20", "devices": summary}))
     return root
 
 

@@ -265,3 +265,13 @@ def test_plan_leaves_the_model_as_it_was():
     assert plan.dense_widths()["layer3.0.conv2"] == 64
     with pytest.raises(KeyError, match="no channel group"):
         plan.group("nope")
+
+
+@pytest.mark.slow
+def test_resnet50_config_count_for_the_readme():
+    # The README's figure: ResNet-50 at 224x224, batch 1, fp32, NHWC, round_to 32.
+    plan = _plan(create("resnet50"), 224, round_to=32, memory_format="nhwc")
+    assert plan.summary() == {
+        "layers": 54, "groups": 38, "prunable_groups": 37, "configs": 4174, "configs_without_dedup": 9522,
+    }
+    assert plan.layer("conv1").base.in_h == 224 and plan.layer("layer4.0.conv2").base.in_h == 14

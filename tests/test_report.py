@@ -14,9 +14,9 @@ from PIL import Image
 from fleetprune.cli import main
 from fleetprune.report import write_report, write_variants_report
 from fleetprune.report.families import choose_family, family_of
-from fleetprune.report.load import load_tables
+from fleetprune.report.load import load_tables, load_variants
 
-from report_fixtures import SMALL, SWEEP, TABLE_DEVICES, VARIANT_DEVICES, make_tables, make_variants
+from report_fixtures import GROUPS, SMALL, SWEEP, TABLE_DEVICES, VARIANT_DEVICES, make_tables, make_variants
 
 
 class _Page(HTMLParser):
@@ -86,6 +86,9 @@ def test_variants_report_links_every_figure_at_its_size(tmp_path: Path) -> None:
     text = page.read_text()
     for device in VARIANT_DEVICES:
         assert device in text
+    assert "Dashed outline: the dense width" in text
+    # Dense widths come from report.json, or else from the plan in widths.json.
+    assert [v.dense_widths for v in load_variants(root).variants] == [GROUPS, GROUPS]
     # The unmeasured device is called out, not silently dropped.
     assert "No measured latency for cuda-test-gpu" in text
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")], "no temp file left behind"

@@ -298,6 +298,7 @@ def test_finetune_hook_keeps_masked_channels_at_zero():
         m.bn1.bias[masked] = 0
         m.conv2.weight[:, masked] = 0
 
+    @torch.no_grad()
     def masked_max(m: WithBN) -> float:
         return max(float(m.conv1.weight[masked].abs().max()),
                    float(m.bn1.weight[masked].abs().max()),
@@ -358,12 +359,12 @@ def test_cli_trains_saves_loadable_weights_and_prints_top1(tmp_path, capsys):
     from fleetprune.cli import main
 
     out = tmp_path / "r20.pt"
-    rc = main(["train", "resnet20", "--data", str(CIFAR), "--epochs", "1", "--subset", "256",
-               "--test-subset", "200", "--batch-size", "64", "--out", str(out), "--no-progress",
+    rc = main(["train", "resnet20", "--data", str(CIFAR), "--epochs", "1", "--subset", "128",
+               "--test-subset", "100", "--batch-size", "64", "--out", str(out), "--no-progress",
                "--threads", "2"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "top-1" in text and "on 200 test images" in text
+    assert "top-1" in text and "on 100 test images" in text
     model = models.create("resnet20", weights=str(out))
     saved = torch.load(out, weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

@@ -240,6 +240,8 @@ def prune(
     protocol: Any = None,
     importance_kwargs: Mapping[str, Any] | None = None,
     on_device_done: Callable[[DeviceResult], None] | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> list[DeviceResult]:
     """Prune ``model_name`` for every device in ``devices`` and write one variant folder per device.
 
@@ -266,6 +268,9 @@ def prune(
         protocol: the profiler's ``TimingProtocol`` for those measurements (default protocol if None).
         importance_kwargs: options of the channel importance (``fold_bn``, ``coupled_reduce``, ...).
         on_device_done: called with each device's result as soon as its variant is written.
+        model_factory, input_shape: prune a network that is not in the model registry (Python
+            users, tests): ``model_factory()`` builds it and ``input_shape`` is one sample's (C, H, W);
+            ``model_name`` is then only a label, and :func:`load_variant` needs the same factory.
 
     Returns:
         One result per device, in order.
@@ -285,9 +290,17 @@ def prune(
     store = TableStore(tables)
     if not store.exists():
         raise TableError(f"no table root at {tables}; measure first: fleetprune profile {model_name} --tables {tables}")
-    shape = _input_shape(model_name, input_size)
     model_kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
-    dense = models.create(model_name, weights=weights, **model_kwargs)  # unknown name / bad weights fail here
+    if model_factory is not None:
+        if input_shape is None:
+            raise FleetpruneError("a model_factory needs input_shape=(C, H, W)")
+        shape = tuple(int(s) for s in input_shape)
+        dense = model_factory()
+        if weights is not None:
+            models.load_weights(dense, weights, name=model_name)
+    else:
+        shape = tuple(int(s) for s in input_shape) if input_shape else _input_shape(model_name, input_size)
+        dense = models.create(model_name, weights=weights, **model_kwargs)  # unknown name / bad weights fail here
 
     # Everything checkable before pruning, for every device.
     jobs: list[_Job] = []
@@ -472,12 +485,12 @@ def _measure(model: nn.Module, full_shape: tuple[int, ...], job: _Job, protocol:
 # ------------------------------------------------------------------------------------------- load
 
 
-def load_variant(path: str | os.PathLike) -> nn.Module:
+def load_variant(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild a pruned variant from its folder, in eval mode, without unpickling any module.
 
-    The dense model is created by name (``widths.json``), cut to the stored widths with
-    :func:`~fleetprune.pruner.export.shrink_to_widths`, and ``weights.pt`` (tensors only,
-    ``weights_only=True``) is loaded strictly into it.
+    The dense model is created by name (``widths.json``; or by ``model_factory`` for a network
+    pruned with one), cut to the stored widths with :func:`~fleetprune.pruner.export.shrink_to_widths`,
+    and ``weights.pt`` (tensors only, ``weights_only=True``) is loaded strictly into it.
 
     Raises:
         ReportError: the folder is not a variant; ModelError: the weights do not fit.
@@ -488,7 +501,10 @@ def load_variant(path: str | os.PathLike) -> nn.Module:
     meta = read_widths(folder)
     try:
         plan = Plan.from_dict(meta["plan"])
-        model = models.create(meta["model"], **dict(meta.get("model_kwargs") or {}))
+        if model_factory is not None:
+            model = model_factory()
+        else:
+            model = models.create(meta["model"], **dict(meta.get("model_kwargs") or {}))
         x = example_input(meta["input_shape"], 1, "nchw")
         widths = {k: int(v) for k, v in meta["widths"].items()}
     except KeyError as exc:

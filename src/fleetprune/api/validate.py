@@ -199,7 +199,7 @@ def validate(
     for r in rows:
         r["predicted_ms"] = r["layer_sum_ms"] + fixed
         r["rel_error"] = (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"]
-        r["corrected_ms"] = None  # filled below when a correction is fitted; keeps one schema
+        r["corrected_ms"] = float("nan")  # filled below when a correction is fitted; keeps one schema
     variant_rows = rows[1:]
     before = fidelity([r["predicted_ms"] for r in variant_rows], [r["measured_ms"] for r in variant_rows])
     summary = ValidationSummary(device_key=device, model=model_name, rows=rows, **before)

@@ -95,13 +95,13 @@ class LatencyModel:
     def _key(self, layer: Any, widths: Widths) -> tuple[str, tuple[int, ...]]:
         return (layer.name, tuple(int(widths[g]) for g in self._deps[layer.name]))
 
-    def _ensure(self, items: Iterable[tuple[Any, Widths]]) -> None:
-        """Look up every (layer, widths) not yet cached, in one table call."""
+    def _ensure_keys(self, pending: Iterable[tuple[Any, tuple[int, ...]]]) -> None:
+        """Look up every (layer, widths of its groups) not yet cached, in one table call."""
         todo: dict[tuple[str, tuple[int, ...]], Any] = {}
-        for layer, widths in items:
-            key = self._key(layer, widths)
+        for layer, ws in pending:
+            key = (layer.name, ws)
             if key not in self._cache and key not in todo:
-                todo[key] = self.plan.layer_config(layer, {**self._dense, **widths})
+                todo[key] = self.plan.layer_config(layer, {**self._dense, **dict(zip(self._deps[layer.name], ws))})
         if not todo:
             return
         configs = list(todo.values())
@@ -110,6 +110,9 @@ class LatencyModel:
         else:
             values = np.array([self.table.lookup(c) for c in configs], dtype=np.float64)
         self._cache.update(zip(todo.keys(), values.tolist()))
+
+    def _ensure(self, items: Iterable[tuple[Any, Widths]]) -> None:
+        self._ensure_keys((layer, self._key(layer, widths)[1]) for layer, widths in items)
 
     def layer_ms(self, layer: Any, widths: Widths) -> float:
         """T_l with the groups at ``widths`` (only the groups the layer depends on are read)."""
@@ -184,22 +187,25 @@ class LatencyModel:
             ``({class: weights aligned with options[class]}, constant_ms)``.
         """
         full = self.full_widths(current)
-        items: list[tuple[Any, dict[str, int]]] = []
+        pending: list[tuple[Any, tuple[int, ...]]] = []
         owner: list[tuple[str | None, int]] = []
         for layer in self.layers:
+            deps = self._deps[layer.name]
+            base = tuple(int(full[d]) for d in deps)
             g = layer.out_group
             if g is not None and g in options:
                 for i, w in enumerate(options[g]):
-                    items.append((layer, {**full, g: int(w)}))
+                    pending.append((layer, tuple(int(w) if d == g else b for d, b in zip(deps, base))))
                     owner.append((g, i))
             else:
-                items.append((layer, full))
+                pending.append((layer, base))
                 owner.append((None, 0))
-        self._ensure(items)
+        self._ensure_keys(pending)
         weights = {g: np.zeros(len(opts), dtype=np.float64) for g, opts in options.items()}
         constant = self.fixed_ms
-        for (layer, widths), (g, i) in zip(items, owner):
-            ms = self._cache[self._key(layer, widths)]
+        cache = self._cache
+        for (layer, ws), (g, i) in zip(pending, owner):
+            ms = cache[(layer.name, ws)]
             if g is None:
                 constant += ms
             else:

@@ -101,6 +101,7 @@ def choose_widths(
     policy: str = "knapsack",
     resolution: int = DEFAULT_RESOLUTION,
     time_limit_s: float = 60.0,
+    refine: int = 8,
 ) -> WidthChoice:
     """Choose every prunable group's width for one step so the modeled latency is <= ``budget_ms``.
 
@@ -115,6 +116,9 @@ def choose_widths(
         policy: ``knapsack`` or ``uniform``.
         resolution: DP grid, ``delta = budget / (resolution * n_classes)``.
         time_limit_s: the exact solver's limit; without a feasible answer by then it falls back to DP.
+        refine: for ``dp``, at most this many extra DP solves that bisect an extra capacity when the
+            verified latency leaves budget unused (frozen c_in is conservative); 0 = HALP's single
+            solve.
 
     Raises:
         BudgetError: the budget is below the minimum reachable latency (the message gives it).
@@ -137,7 +141,7 @@ def choose_widths(
         elif solver == "exact":
             result = _exact(latency_model, units, current, budget_ms, time_limit_s, resolution)
         else:
-            result = _dp(latency_model, units, current, budget_ms, resolution)
+            result = _dp(latency_model, units, current, budget_ms, resolution, refine)
     except BudgetError:
         # Restate every infeasibility with the whole-network numbers the user can act on.
         narrow = dict(current)
@@ -156,7 +160,7 @@ def _value(units: Mapping[str, GroupUnits], widths: Mapping[str, int]) -> float:
 
 
 def _dp(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[str, int], budget_ms: float,
-        resolution: int) -> WidthChoice:
+        resolution: int, refine: int = 0) -> WidthChoice:
     names = list(units)
     options = {g: list(units[g].widths) for g in names}
     notes: list[str] = []
@@ -171,15 +175,41 @@ def _dp(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[str, 
         notes.append("frozen-c_in weights exceed the budget at every choice; solved with c_in at the narrowest widths")
         log.info(notes[-1])
     delta = budget_ms / (resolution * max(len(names), 1))
-    start = time.perf_counter()
-    sol = solve_mckp([units[g].values for g in names], [weights[g] for g in names], budget_ms - constant,
-                     delta=delta)
-    solver_s = time.perf_counter() - start
-    widths = dict(current)
-    widths.update({g: options[g][k] for g, k in zip(names, sol.choice)})
-    estimate = constant + sol.weight
+    values = [units[g].values for g in names]
+    wlist = [weights[g] for g in names]
+    solver_s = 0.0
+
+    def solve(extra: float) -> tuple[dict[str, int], float]:
+        nonlocal solver_s
+        start = time.perf_counter()
+        sol = solve_mckp(values, wlist, budget_ms - constant + extra, delta=delta)
+        solver_s += time.perf_counter() - start
+        w = dict(current)
+        w.update({g: options[g][k] for g, k in zip(names, sol.choice)})
+        return w, constant + sol.weight
+
+    widths, estimate = solve(0.0)
     widths, steps = repair(latency_model, units, widths, budget_ms)
-    return WidthChoice(widths=widths, predicted_ms=latency_model.predict(widths), budget_ms=budget_ms,
+    predicted = latency_model.predict(widths)
+    if refine > 0 and predicted < budget_ms * (1 - 1 / resolution):
+        # Frozen c_in overestimates (consumers shrink too), leaving budget unused; bisect an extra
+        # capacity and keep the most valuable answer that truly fits (method §5.3).
+        best, best_value, before = widths, _value(units, widths), predicted
+        lo, hi = 0.0, constant + sum(float(w.max()) for w in wlist) - budget_ms
+        rounds = 0
+        while rounds < refine and hi - lo > delta:
+            mid = 0.5 * (lo + hi)
+            cand, _ = solve(mid)
+            rounds += 1
+            if latency_model.predict(cand) <= budget_ms * (1 + _TOL):
+                lo = mid
+                if _value(units, cand) > best_value:
+                    best, best_value = cand, _value(units, cand)
+            else:
+                hi = mid
+        widths, predicted = best, latency_model.predict(best)
+        notes.append(f"slack refill: {rounds} extra solves, predicted {before:.4g} -> {predicted:.4g} ms")
+    return WidthChoice(widths=widths, predicted_ms=predicted, budget_ms=budget_ms,
                        estimate_ms=estimate, value=_value(units, widths), policy="knapsack", solver="dp",
                        solver_s=solver_s, repair_steps=steps, notes=notes)
 
@@ -192,7 +222,7 @@ def _exact(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[st
         sol = solve_coupled_milp(problem, budget_ms, time_limit_s=time_limit_s)
     except SolverLimitError as exc:
         log.warning("exact solver: %s; falling back to the knapsack DP", exc)
-        result = _dp(latency_model, units, current, budget_ms, resolution)
+        result = _dp(latency_model, units, current, budget_ms, resolution, refine=8)
         result.notes.append(f"exact solver gave up ({exc}); used dp")
         return result
     widths = dict(current)

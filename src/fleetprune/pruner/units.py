@@ -91,18 +91,18 @@ def make_units(group: str, scores: torch.Tensor, alive: torch.Tensor, widths: Se
         widths: ascending kept widths, each at most the surviving count; channels below the largest
             are in no option (they are always dropped).
     """
-    alive = torch.as_tensor(alive, dtype=torch.bool).cpu()
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
-    idx = torch.nonzero(alive).flatten()
-    n = int(idx.numel())
+    alive_np = torch.as_tensor(alive, dtype=torch.bool).cpu().numpy()
+    scores_np = torch.as_tensor(scores).detach().to("cpu", torch.float64).numpy()
+    idx = np.flatnonzero(alive_np)
+    n = int(idx.size)
     widths = tuple(int(w) for w in widths)
     if not widths or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1 or widths[-1] > n:
         raise ValueError(f"widths of group {group!r} must ascend within 1..{n} surviving channels, got {widths}")
-    order = idx[torch.sort(scores[idx], stable=True).indices]
-    desc = scores[order].flip(0).numpy()  # strongest first
-    cum = np.concatenate([[0.0], np.cumsum(desc)])
+    order_np = idx[np.argsort(scores_np[idx], kind="stable")]
+    cum = np.concatenate([[0.0], np.cumsum(scores_np[order_np][::-1])])  # strongest first
     values = cum[list(widths)]
     unit_values = np.diff(np.concatenate([[0.0], values]))
+    order = torch.from_numpy(order_np)
     return GroupUnits(group=group, order=order, widths=widths, unit_values=unit_values, values=values)
 
 

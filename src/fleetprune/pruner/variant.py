@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -136,7 +137,8 @@ def write_variant(
         # Traced in fp32 at batch 1: a ScriptModule converts with .to(dtype), and a trace of plain
         # convs does not depend on the batch size.
         x = example_input(input_shape, 1, memory_format)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 marks jit.trace deprecated
             traced = torch.jit.trace(model, x, check_trace=False)
         traced.save(str(tmp / TORCHSCRIPT_FILE))
         (tmp / REPORT_FILE).write_text(json.dumps(dict(report), indent=2) + "\n")

@@ -42,13 +42,13 @@ def write_report(path: str | os.PathLike, *, layer: str | None = None, devices: 
     if detect(root) == "variants":
         if layer:
             log.warning("--layer applies to table roots only; %s is a variants folder", root)
-        return write_variants_report(root, devices=devices)
-    return write_tables_report(root, layer=layer, devices=devices)
+        return _publish(root, variants_report(load_variants(root, devices)))
+    return _publish(root, tables_report(load_tables(root, devices), layer=layer))
 
 
-def write_variants_report(dir: str | os.PathLike, *, devices: list[str] | None = None) -> Path:  # noqa: A002
-    """Write ``DIR/report.html`` for a variants folder (what ``fleetprune prune`` calls when done)."""
-    root = Path(dir)
+def write_variants_report(folder: str | os.PathLike, *, devices: list[str] | None = None) -> Path:
+    """Write ``FOLDER/report.html`` for a variants folder (what ``fleetprune prune`` calls when done)."""
+    root = Path(folder)
     if detect(root) != "variants":
         raise ReportError(
             f"{root} is not a variants folder (no summary.json); pass the folder given to `fleetprune prune --out`"

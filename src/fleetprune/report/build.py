@@ -34,13 +34,13 @@ def variants_report(folder: VariantsFolder) -> Report:
     figs: list[plots.Plot] = []
 
     overview = Section("Variants", [table(
-        ["device", "budget ms", "dense ms", "predicted ms", "measured ms", "rel. error",
-         "speed-up (pred.)", "steps", "solver s"],
+        ["device", "budget ms", "dense ms", "dense measured ms", "predicted ms", "measured ms", "rel. error",
+         "speed-up (pred.)", "fixed part from", "steps", "solver s"],
         [
-            [v.device_key, v.budget_ms, v.dense_ms, v.predicted_ms, v.measured_ms,
+            [v.device_key, v.budget_ms, v.dense_ms, v.dense_measured_ms, v.predicted_ms, v.measured_ms,
              _rel_error(v.predicted_ms, v.measured_ms),
              v.dense_ms / v.predicted_ms if v.dense_ms and v.predicted_ms else None,
-             len(v.steps), v.solver_time_s]
+             v.fixed_source, len(v.steps), v.solver_time_s]
             for v in variants
         ],
     )])

@@ -50,6 +50,8 @@ class Variant:
     solver_time_s: float | None
     steps: list[Step]
     model: str | None = None
+    dense_measured_ms: float | None = None
+    fixed_source: str | None = None
 
 
 @dataclass
@@ -232,6 +234,8 @@ def load_variants(root: Path, devices: list[str] | None = None) -> VariantsFolde
                 solver_time_s=_float(_first(report, "solver_time_s", "solver_s", "solve_time_s")),
                 steps=_steps(report),
                 model=_first(widths_doc, "model", "model_name"),
+                dense_measured_ms=_float(_first(report, "dense_measured_ms")),
+                fixed_source=_first(report, "fixed_source"),
             )
         )
     log.info("read %d variants from %s", len(variants), root)
@@ -267,7 +271,7 @@ def load_tables(root: Path, devices: list[str] | None = None) -> TableRoot:
         if s.bad_files
     ]
     for text in notes:
-        log.warning(text)
+        log.warning("%s", text)
     return TableRoot(
         root=root,
         tables={key: t.frame for key, t in read.items()},

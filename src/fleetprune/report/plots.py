@@ -8,7 +8,6 @@ HTML can state it and tests can check it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from fleetprune.report.families import Family, family_rows
 from fleetprune.report.load import Variant
-
-log = logging.getLogger(__name__)
 
 DPI = 100
 BAND = 0.10  # the +-10% agreement band between predicted and measured latency

@@ -1,0 +1,63 @@
+"""End-to-end timing of a whole (tiny) network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fleetprune.errors import ProfileError
+from fleetprune.profiler import TimingProtocol, cpu_device, measure_model
+
+CPU = cpu_device(1)
+QUICK = TimingProtocol.quick()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def test_measure_model_gives_sane_numbers_and_leaves_the_model_alone():
+    model = _tiny().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = measure_model(model, (1, 3, 16, 16), CPU, "fp32", "nchw", QUICK)
+    assert 0 < m.p10_ms <= m.median_ms <= m.p90_ms
+    assert m.median_ms < 1000
+    assert m.n >= QUICK.repeats
+    assert model.training  # the caller's model is not switched to eval
+    assert next(model.parameters()).dtype == torch.float32
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats untouched
+
+
+def test_bigger_input_takes_longer():
+    model = _tiny()
+    small = measure_model(model, (3, 8, 8), CPU, protocol=QUICK)  # (C, H, W) means batch 1
+    big = measure_model(model, (16, 3, 64, 64), CPU, protocol=QUICK)
+    assert big.median_ms > small.median_ms
+
+
+@pytest.mark.parametrize("dtype, fmt", [("fp32", "nhwc"), ("bf16", "nchw")])
+def test_measure_model_in_other_dtype_and_format(dtype, fmt):
+    m = measure_model(_tiny(), (1, 3, 16, 16), CPU, dtype, fmt, QUICK)
+    assert m.median_ms > 0 and m.n > 0
+
+
+def test_measure_model_errors_say_what_failed():
+    with pytest.raises(ProfileError, match="fp16"):
+        measure_model(_tiny(), (1, 3, 16, 16), CPU, "fp16", "nchw", QUICK)
+    with pytest.raises(ProfileError, match="cannot run"):
+        measure_model(_tiny(), (1, 4, 16, 16), CPU, "fp32", "nchw", QUICK)  # 4 channels into a 3-channel stem
+
+
+@pytest.mark.gpu
+def test_measure_model_on_cuda():
+    from fleetprune.profiler import cuda_device
+
+    m = measure_model(_tiny(), (8, 3, 32, 32), cuda_device(0), "fp16", "nhwc", QUICK)
+    assert 0 < m.p10_ms <= m.median_ms <= m.p90_ms
