@@ -87,16 +87,22 @@ def worker(args: argparse.Namespace) -> None:
                     return time_callable(lambda: module(x), device, protocol)
 
         backend = Untuned()
+    import resource
+
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     rows = list(profile_configs(_configs(), backend, seed=args.seed))
     elapsed = time.perf_counter() - start
+    # Minor page faults are how an untuned allocator shows itself (buffers unmapped and faulted
+    # in again on every call), and unlike times they do not depend on machine load.
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     for r in rows:
         print(json.dumps({"key": r["key"], "median": r["lat_ms_median"], "p10": r["lat_ms_p10"],
                           "p90": r["lat_ms_p90"], "n": r["n_samples"], "noisy": r["noisy"]}))
-    print(json.dumps({"elapsed_s": elapsed, "device": device.key}))
+    print(json.dumps({"elapsed_s": elapsed, "device": device.key, "minor_faults": faults}))
 
 
-def _run_once(args: argparse.Namespace, seed: int, allocator: str) -> tuple[dict, float]:
+def _run_once(args: argparse.Namespace, seed: int, allocator: str) -> tuple[dict, float, int]:
     from fleetprune.profiler import ALLOCATOR_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
@@ -105,20 +111,20 @@ def _run_once(args: argparse.Namespace, seed: int, allocator: str) -> tuple[dict
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(seed),
            "--threads", str(args.threads), "--protocol", args.protocol, "--allocator", allocator]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    rows, elapsed = {}, 0.0
+    rows, elapsed, faults = {}, 0.0, 0
     for line in out.stdout.splitlines():
         rec = json.loads(line)
         if "key" in rec:
             rows[rec["key"]] = rec
         else:
-            elapsed = rec["elapsed_s"]
-    return rows, elapsed
+            elapsed, faults = rec["elapsed_s"], rec["minor_faults"]
+    return rows, elapsed, faults
 
 
 def compare(args: argparse.Namespace, allocator: str) -> dict:
     """Two processes, one after the other; returns the figures."""
-    a, ta = _run_once(args, 0, allocator)
-    b, tb = _run_once(args, 1, allocator)
+    a, ta, fa = _run_once(args, 0, allocator)
+    b, tb, fb = _run_once(args, 1, allocator)
     diffs = sorted(abs(a[k]["median"] - b[k]["median"]) / ((a[k]["median"] + b[k]["median"]) / 2) for k in a)
     spreads = [(r["p90"] - r["p10"]) / r["median"] for r in list(a.values()) + list(b.values())]
     noisy = sum(r["noisy"] for r in list(a.values()) + list(b.values()))
@@ -130,6 +136,7 @@ def compare(args: argparse.Namespace, allocator: str) -> dict:
         "median_spread": statistics.median(spreads),
         "noisy_rows": noisy,
         "configs_per_s": 2 * len(a) / (ta + tb),
+        "faults_per_config": (fa + fb) / (2 * len(a)),
         "mean_ms": {k: (a[k]["median"], b[k]["median"]) for k in a},
     }
 
@@ -167,7 +174,8 @@ def main() -> None:
         print(f"allocator={allocator:8s} median rel. diff between processes {100 * res['median_rel_diff']:.1f}% "
               f"(p90 {100 * res['p90_rel_diff']:.1f}%, max {100 * res['max_rel_diff']:.1f}%); "
               f"median within-run spread (p90-p10)/median {100 * res['median_spread']:.1f}%; "
-              f"noisy rows {res['noisy_rows']}/{2 * len(CIFAR_MIX)}; {res['configs_per_s']:.2f} configurations/s")
+              f"noisy rows {res['noisy_rows']}/{2 * len(CIFAR_MIX)}; {res['configs_per_s']:.2f} configurations/s; "
+              f"{res['faults_per_config']:.0f} minor page faults per configuration")
         if args.verbose:
             for key, (ma, mb) in res["mean_ms"].items():
                 print(f"    {key}: {ma:.4f} ms vs {mb:.4f} ms")

@@ -35,11 +35,34 @@ def test_measure_model_gives_sane_numbers_and_leaves_the_model_alone():
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats untouched
 
 
-def test_bigger_input_takes_longer():
-    model = _tiny()
-    small = measure_model(model, (3, 8, 8), CPU, protocol=QUICK)  # (C, H, W) means batch 1
-    big = measure_model(model, (16, 3, 64, 64), CPU, protocol=QUICK)
-    assert big.median_ms > small.median_ms
+SEEN: set = set()  # module-level, so the profiler's copy of the model reports here too
+
+
+class Recorder(nn.Module):
+    """Records what the timed forward passes see."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        SEEN.add((tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+                  x.is_contiguous(), self.training, torch.is_inference_mode_enabled()))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, fmt, expected",
+    [
+        ((3, 8, 8), "bf16", "nhwc", ((1, 3, 8, 8), torch.bfloat16, True, False)),  # (C, H, W): batch 1
+        ((2, 3, 8, 8), "fp32", "nchw", ((2, 3, 8, 8), torch.float32, False, True)),
+    ],
+)
+def test_forward_sees_the_configured_input_in_eval_and_inference_mode(shape, dtype, fmt, expected):
+    SEEN.clear()
+    m = measure_model(Recorder().train(), shape, CPU, dtype, fmt, QUICK)
+    assert m.n >= QUICK.repeats
+    assert SEEN == {(*expected, False, True)}
 
 
 @pytest.mark.parametrize("dtype, fmt", [("fp32", "nhwc"), ("bf16", "nchw")])

@@ -416,3 +416,45 @@ def test_parse_budget_rejects(text, match):
 def test_parse_budget_needs_a_dense_latency():
     with pytest.raises(BudgetError, match="dense latency"):
         parse_budget("0.5", 0.0)
+
+
+def test_slack_refill_never_loses_value_and_still_fits(tiny):
+    model, plan = tiny
+    lm = LatencyModel(plan, DictLatencyTable.from_function(plan.configs(), macs_staircase_ms))
+    scores = SPLampImportance().scores(model, plan)
+    for frac in (0.3, 0.6):
+        budget = lm.min_latency() + frac * (lm.dense_ms() - lm.min_latency())
+        one = choose_widths(plan, lm, scores, None, budget, refine=0)
+        refilled = choose_widths(plan, lm, scores, None, budget)
+        assert one.predicted_ms <= budget and refilled.predicted_ms <= budget
+        assert refilled.value >= one.value
+
+
+def test_exact_falls_back_to_dp_when_it_gives_up(tiny, monkeypatch):
+    import fleetprune.pruner.solve as solve_mod
+    from fleetprune.pruner.exact import SolverLimitError
+
+    def give_up(*args, **kwargs):
+        raise SolverLimitError("no feasible answer within the time limit")
+
+    monkeypatch.setattr(solve_mod, "solve_coupled_milp", give_up)
+    model, plan = tiny
+    lm = LatencyModel(plan, DictLatencyTable.from_function(plan.configs(), macs_staircase_ms))
+    budget = 0.5 * (lm.min_latency() + lm.dense_ms())
+    res = choose_widths(plan, lm, SPLampImportance().scores(model, plan), None, budget, solver="exact")
+    assert res.solver == "dp" and res.predicted_ms <= budget and "used dp" in res.notes[-1]
+
+
+def test_dp_is_fast_on_a_resnet50_sized_instance():
+    import time
+
+    rng = np.random.default_rng(0)
+    values = [np.cumsum(rng.uniform(0, 1, 32)) for _ in range(50)]
+    weights = [np.cumsum(rng.uniform(0.001, 0.01, 32)) for _ in range(50)]
+    capacity = 0.5 * sum(w.max() for w in weights)
+    inst = integerise(weights, capacity)
+    start = time.perf_counter()
+    sol = solve_mckp(values, weights, capacity)
+    elapsed = time.perf_counter() - start
+    assert inst.capacity > 4000 and sol.weight <= capacity
+    assert elapsed < 1.0  # about 20 ms on an idle core; loose for shared CI machines

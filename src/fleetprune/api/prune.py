@@ -61,7 +61,7 @@ FIXED_TABLE_ONLY = "table rows only"
 
 @dataclass
 class DeviceResult:
-    """What one device's prune produced (latencies in ms)."""
+    """What one device's prune produced (latencies in ms; ``model`` is the pruned network, eval mode)."""
 
     device_key: str
     folder: Path
@@ -74,6 +74,7 @@ class DeviceResult:
     fixed_source: str
     widths: dict[str, int]
     report: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -451,7 +452,7 @@ def _prune_one(
     return DeviceResult(
         device_key=job.device_key, folder=folder, dense_ms=dense_ms, budget_ms=budget_ms,
         predicted_ms=result.predicted_ms, measured_ms=measured, dense_measured_ms=job.dense_measured_ms,
-        fixed_ms=lm.fixed_ms, fixed_source=lm.fixed_source, widths=widths, report=report,
+        fixed_ms=lm.fixed_ms, fixed_source=lm.fixed_source, widths=widths, report=report, model=model,
     )
 
 

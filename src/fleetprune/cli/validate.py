@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any, Mapping
 
 from tqdm import tqdm
+
+from fleetprune.errors import FleetpruneError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,54 +16,93 @@ def register(sub: argparse._SubParsersAction) -> None:
         "validate",
         help="measure random width plans on this machine and report how well the table predicts them",
         description="Draw N random width plans (plus the dense model), predict each from the device's "
-        "table, measure each end to end here, report the error and fit a correction.",
+        "table, measure each end to end here, report the error, fit a correction measured ~ a * layer_sum "
+        "+ b on the dense model and the first variants, and store it in the table. Rows go to "
+        "ROOT/validation.parquet.",
     )
-    p.add_argument("model", help="model name (see `fleetprune profile --help` for the list)")
-    p.add_argument("--tables", default="tables", help="table root (default: ./tables)")
-    p.add_argument("--device", required=True, help="device key of the table; must be this machine")
-    p.add_argument("--variants", type=int, default=20, help="random width plans (default 20)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--memory-format", default="nhwc", choices=["nchw", "nhwc"])
-    p.add_argument("--round-to", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all of this machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="short timing protocol (noisier)")
+    p.add_argument("model", metavar="MODEL", help="model name, e.g. resnet56, resnet18, mobilenet_v2")
+    p.add_argument("--tables", default="tables", metavar="ROOT", help="table root (default: ./tables)")
+    p.add_argument("--device", required=True, metavar="DEV", help="device key of the table; must be this machine")
+    p.add_argument("--variants", type=int, default=20, metavar="N", help="random width plans (default 20)")
+    p.add_argument("--input-size", metavar="H[xW]", help="input size instead of the model's default (e.g. 64)")
+    p.add_argument("--batch", type=int, help="batch size (default: the table's only one)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype (default: the table's only one)")
+    p.add_argument("--memory-format", choices=["nchw", "nhwc"], help="memory format (default: the table's only one)")
+    p.add_argument("--round-to", type=int, help="channel alignment of units (default 16 for fp32, else 8)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the table's thread count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random width plans (default 0)")
+    p.add_argument("--quick", action="store_true", help="short timing protocol (noisier; default: the table's)")
     p.add_argument("--no-fit", action="store_true", help="do not fit or store a correction")
     p.set_defaults(func=run)
 
 
-def _line(label: str, f: dict) -> str:
+def parse_input_size(text: str | None, model_name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """``"64"`` or ``"64x48"`` as a ``(C, H, W)`` input shape with the model's channels; None stays None."""
+    if text is None:
+        return None
+    from fleetprune import models
+
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        size = tuple(int(s) for s in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise FleetpruneError(f"--input-size must be H or HxW with positive sizes, got {text!r}")
+    channels = (shape or models.input_shape(model_name))[0]
+    return (channels, *size)
+
+
+def line(label: str, f: Mapping[str, Any]) -> str:
+    """One line of fidelity figures."""
+    rho = f["spearman"]
     return (
-        f"{label:<10} n={f['n']:<3} within 5%: {f['within_5']:6.1%}  within 10%: {f['within_10']:6.1%}  "
-        f"median |err|: {f['median_abs_error']:6.2%}  bias: {f['bias']:+6.2%}  spearman: {f['spearman']:.3f}"
+        f"{label:<22} n={f['n']:<3} within 5%: {_pct(f['within_5'])}  within 10%: {_pct(f['within_10'])}  "
+        f"median |err|: {_pct(f['median_abs_error'], 2)}  bias: {_pct(f['bias'], 2, signed=True)}  "
+        f"spearman: {'  n/a' if math.isnan(rho) else f'{rho:.3f}'}"
     )
+
+
+def _pct(x: float, digits: int = 1, signed: bool = False) -> str:
+    if x is None or math.isnan(x):
+        return "   n/a"
+    return f"{x:{'+' if signed else ''}7.{digits}%}"
 
 
 def run(args: argparse.Namespace) -> int:
     from fleetprune.api.validate import validate
     from fleetprune.profiler import TimingProtocol
 
-    bar = tqdm(total=args.variants + 1, desc=f"validate {args.device}", unit="net")
+    shape = parse_input_size(args.input_size, args.model)
+    bar = tqdm(total=args.variants + 1, desc=f"validate {args.model} on {args.device}", unit="net", leave=False)
 
     def progress(done: int, total: int) -> None:
+        bar.total = total
         bar.n = done
         bar.refresh()
 
     try:
         s = validate(
-            args.model, args.tables, args.device, variants=args.variants, batch=args.batch,
-            dtype=args.dtype, memory_format=args.memory_format, round_to=args.round_to, seed=args.seed,
+            args.model, args.tables, args.device, variants=args.variants, batch=args.batch, dtype=args.dtype,
+            memory_format=args.memory_format, input_shape=shape, round_to=args.round_to, seed=args.seed,
             threads=args.threads, protocol=TimingProtocol.quick() if args.quick else None,
             fit=not args.no_fit, progress=progress,
         )
     finally:
         bar.close()
-    print(f"{s.model} on {s.device_key}: dense measured {s.rows[0]['measured_ms']:.3f} ms")
-    print(_line("table", s.to_dict()))
+    shape_text = "x".join(str(v) for v in s.input_shape)
+    print(f"{s.model} ({shape_text}, batch {s.batch} {s.dtype} {s.memory_format}) on {s.device_key}, run {s.run_id}")
+    print(f"dense: measured {s.dense_measured_ms:.4g} ms, layer sum {s.dense_layer_sum_ms:.4g} ms, "
+          f"fixed part {s.fixed_ms:.4g} ms")
+    print(line("layer sum only", s.raw))
+    print(line("table + fixed part", s.to_dict()))
     if s.correction:
         c = s.correction
-        print(f"fitted correction: measured = {c['a']:.4f} * layer_sum + {c['b']:.4f} ms (stored in the table)")
-        print(_line("corrected", s.after) + f"  (held-out: {s.after['held_out']})")
-    print(f"rows written to {args.tables.rstrip('/')}/validation.parquet")
+        print(f"fitted on the dense model + {c['n'] - 1} variants: measured = {c['a']:.4f} * layer_sum "
+              f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms (stored in the table)")
+        print(line("  held out, before", s.held_out_before))
+        print(line("  held out, corrected", s.after))
+    print(f"rows written to {s.path}")
     return 0

@@ -1,7 +1,7 @@
 """How one callable is timed: the protocol, the result, and the allocator tuning that keeps CPU numbers stable.
 
-CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the intra-op thread count set
-explicitly, after a warm-up, in a process whose glibc allocator keeps big buffers on the heap
+CPU: ``torch.utils.benchmark.Timer`` over blocks of back-to-back calls, with the intra-op thread
+count set explicitly, after a warm-up, in a process whose glibc allocator keeps big buffers on the heap
 (``tune_allocator``). Without that, glibc hands every large tensor back to the kernel and faults it
 in again on the next call, which adds 50-60% and makes numbers differ between processes.
 
@@ -58,7 +58,8 @@ class TimingProtocol:
             then flagged noisy.
         warmup_iters: minimum number of warm-up calls (on top of ``warmup_ms``).
         block_ms: CUDA only: minimum duration of one timed block of back-to-back launches, so short
-            kernels are not dominated by event resolution.
+            kernels are not dominated by event resolution. (CPU blocks last about
+            ``min_run_time_s / (2 * repeats)``.)
     """
 
     warmup_ms: float = 50.0
@@ -199,21 +200,34 @@ def _warm_up(fn: Callable[[], Any], protocol: TimingProtocol, sync: Callable[[],
     return elapsed / max(1, tail_calls)
 
 
+def _timed_block(timer: tbench.Timer, number: int) -> float:
+    """Seconds for ``number`` back-to-back calls of the timer's statement (no warm-up)."""
+    try:
+        return timer._timeit(number)  # noqa: SLF001 - Timer.timeit() would add >= 2 warm-up calls per sample
+    except AttributeError:  # a torch whose Timer lacks the private hook
+        return timer.timeit(number).raw_times[0]
+
+
 def time_cpu(fn: Callable[[], Any], protocol: TimingProtocol, threads: int) -> Measurement:
-    """Time ``fn`` on the CPU with ``threads`` intra-op threads (``torch.utils.benchmark``)."""
+    """Time ``fn`` on the CPU with ``threads`` intra-op threads (``torch.utils.benchmark.Timer``).
+
+    Samples are blocks of back-to-back calls lasting about ``min_run_time_s / (2 * repeats)``
+    (at least one call), and there are at least ``repeats`` of them and enough to fill
+    ``min_run_time_s``. Timer's own ``blocked_autorange`` is not used: its power-of-ten block sizes
+    with a 1e-4 overhead target give blocks of 25-100 ms here, so only 2-3 samples in 0.2 s.
+    """
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    per_call_s = _warm_up(fn, protocol, lambda: None)
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    # blocked_autorange stops once min_run_time is spent; stretch it so that slow layers still
-    # give `repeats` samples (its blocks are at least one call each).
-    run_time = max(protocol.min_run_time_s, protocol.repeats * per_call_s * 1.2)
-    samples: list[float] = []
-    for _ in range(4):
-        result = timer.blocked_autorange(min_run_time=run_time)
-        samples.extend(t * 1e3 for t in result.times)
-        if len(samples) >= protocol.repeats:
-            break
-        run_time = (protocol.repeats - len(samples)) * result.median * result.number_per_run * 1.2
+    try:
+        per_call_s = max(_warm_up(fn, protocol, lambda: None), 1e-7)
+        timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        block_s = protocol.min_run_time_s / (2 * protocol.repeats)
+        number = max(1, round(block_s / per_call_s))
+        blocks = max(protocol.repeats, math.ceil(protocol.min_run_time_s / (number * per_call_s)))
+        samples = [_timed_block(timer, number) / number * 1e3 for _ in range(blocks)]
+    finally:
+        # The thread count is process-wide; leave it as the caller had it.
+        torch.set_num_threads(previous)
     return Measurement.from_samples(samples)
 
 
@@ -245,8 +259,9 @@ def time_cuda(fn: Callable[[], Any], protocol: TimingProtocol, index: int = 0) -
         events = [
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(blocks)
         ]
-        # One synchronize after all blocks: the device runs them back to back, so each block
-        # measures device time, not host launch gaps between blocks.
+        # No host synchronize between blocks: they queue back to back, so a block measures the
+        # device's time for its calls (plus launch gaps only where launching is the bottleneck,
+        # which eager deployment pays too); one synchronize at the end.
         for ev_start, ev_end in events:
             ev_start.record()
             for _ in range(reps):

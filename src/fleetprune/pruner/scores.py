@@ -238,7 +238,8 @@ class L1Importance:
     """Global group L1 magnitude as Torch-Pruning ranks it (``MagnitudeImportance(p=1,
     normalizer=None, group_reduction='mean')``): the mean over the group's entries of per-channel L1
     of the members' filters, the consumers' input slices and the BN scales. Not normalised per
-    layer, so scores compare globally across groups.
+    layer, so scores compare globally across groups. A consumer that reads a concat of several
+    groups is left out (the plan does not say where in the concat the group sits).
 
     Args:
         include_consumers: add the consumers' input slices (Torch-Pruning does).

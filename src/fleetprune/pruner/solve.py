@@ -197,17 +197,17 @@ def _dp(latency_model: Any, units: Mapping[str, GroupUnits], current: dict[str, 
         best, best_value, before = widths, _value(units, widths), predicted
         lo, hi = 0.0, constant + sum(float(w.max()) for w in wlist) - budget_ms
         rounds = 0
-        while rounds < refine and hi - lo > delta:
+        while rounds < refine and hi - lo > delta and predicted < budget_ms * (1 - 1 / resolution):
             mid = 0.5 * (lo + hi)
             cand, _ = solve(mid)
             rounds += 1
             if latency_model.predict(cand) <= budget_ms * (1 + _TOL):
                 lo = mid
                 if _value(units, cand) > best_value:
-                    best, best_value = cand, _value(units, cand)
+                    best, best_value, predicted = cand, _value(units, cand), latency_model.predict(cand)
             else:
                 hi = mid
-        widths, predicted = best, latency_model.predict(best)
+        widths = best
         notes.append(f"slack refill: {rounds} extra solves, predicted {before:.4g} -> {predicted:.4g} ms")
     return WidthChoice(widths=widths, predicted_ms=predicted, budget_ms=budget_ms,
                        estimate_ms=estimate, value=_value(units, widths), policy="knapsack", solver="dp",

@@ -1,0 +1,179 @@
+"""The ``profile`` verb for Python users: model name -> plan -> configurations -> fleet -> tables.
+
+Defaults (shared with ``fleetprune profile``):
+
+* dtype: fp32 on CPUs, fp16 on GPUs (what each deploys with; a fixed ``dtype`` applies to all);
+* memory format: nhwc (channels_last: CPU conv latency is nearly monotone in channels in it, and
+  it is the fast layout for tensor cores);
+* round-to: 16 for fp32 (the AVX-512 fp32 staircase), 8 for fp16/bf16 (tensor-core alignment).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+from fleetprune.cluster.devices import Fleet
+from fleetprune.cluster.spec import BackendSpec
+from fleetprune.cluster.summary import ProgressCallback, RunSummary
+from fleetprune.tables.config import DTYPES, MEMORY_FORMATS, LayerConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLES = "tables"
+DEFAULT_MEMORY_FORMAT = "nhwc"
+DEFAULT_ADDRESS = "local"
+
+
+def default_dtype(kind: str) -> str:
+    """The dtype a device of ``kind`` (``cpu``/``cuda``) is profiled in unless one is asked for."""
+    return "fp32" if kind == "cpu" else "fp16"
+
+
+def default_round_to(dtype: str) -> int:
+    """Channel alignment of width choices: 16 for fp32, 8 for fp16/bf16."""
+    return 16 if dtype == "fp32" else 8
+
+
+def plan_configs(model: str, *, batch: int = 1, dtype: str = "fp32", memory_format: str = DEFAULT_MEMORY_FORMAT,
+                 round_to: int | None = None) -> list[LayerConfig]:
+    """Every layer configuration the pruner may choose for a named model (its plan's configurations).
+
+    Raises:
+        ModelError: an unknown model name or a model the pruner cannot plan.
+    """
+    import torch
+
+    from fleetprune import models
+    from fleetprune.pruner.plan import build_plan
+
+    shape = models.input_shape(model)  # unknown name -> ModelError before building anything
+    net = models.create(model).eval()
+    example = torch.randn(batch, *shape)
+    plan = build_plan(net, example, round_to=round_to or default_round_to(dtype), dtype=dtype,
+                      memory_format=memory_format)
+    return plan.configs()
+
+
+def _check(batch: int, dtype: str | None, memory_format: str, round_to: int | None, threads: int | None) -> None:
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+
+
+def profile(
+    model: str,
+    *,
+    batch: int = 1,
+    dtype: str | None = None,
+    memory_format: str = DEFAULT_MEMORY_FORMAT,
+    round_to: int | None = None,
+    tables: str = DEFAULT_TABLES,
+    devices: str | Sequence[str] = "all",
+    ray_address: str = DEFAULT_ADDRESS,
+    threads: int | None = None,
+    quick: bool = False,
+    protocol: object | None = None,
+    backend: BackendSpec | None = None,
+    chunk_size: int | None = None,
+    max_retries: int = 2,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> RunSummary:
+    """Measure every layer configuration of ``model`` on the chosen device types into ``tables``.
+
+    Configurations a device's table already holds are skipped, so a rerun measures only what is
+    missing (nothing, after a complete run).
+
+    Args:
+        model: a name from :func:`fleetprune.models.names`.
+        batch: batch size of the configurations.
+        dtype: ``fp32``/``fp16``/``bf16`` for every device; None: fp32 on CPUs, fp16 on GPUs.
+        memory_format: ``nhwc`` (default) or ``nchw``.
+        round_to: channel alignment of the width choices; None: 16 for fp32, 8 otherwise.
+        tables: table root (folder or pyarrow filesystem URI).
+        devices: ``all``, or device type names / table keys / ``cpu`` / ``gpu``.
+        ray_address: ``local`` (embedded Ray, default), ``auto``, ``HOST:PORT`` or ``none`` (no Ray).
+        threads: threads each CPU is measured with (default: all of a node's CPUs).
+        quick: use the profiler's quick timing protocol (rough numbers, for smoke runs).
+        protocol: a :class:`~fleetprune.profiler.TimingProtocol` (overrides ``quick``).
+        backend: what to time with (default: the real torch backend with that protocol).
+        chunk_size: configurations per chunk and part file (default: automatic).
+        max_retries: how often the chunk of a dead actor is handed to another actor.
+        seed: shuffles the measuring order.
+        progress: called with a :class:`~fleetprune.cluster.summary.ProgressEvent` per chunk.
+
+    Returns:
+        A :class:`~fleetprune.cluster.summary.RunSummary`; failed configurations are in it.
+
+    Raises:
+        ModelError: unknown or unplannable model.
+        DeviceError: unknown device type, unreachable cluster, no usable device.
+        TableError: an unusable table root.
+    """
+    from fleetprune.tables.store import TableStore
+
+    _check(batch, dtype, memory_format, round_to, threads)
+    started = time.perf_counter()
+    plans: dict[str, list[LayerConfig]] = {}
+
+    def configs_for(kind: str) -> list[LayerConfig]:
+        want = dtype or default_dtype(kind)
+        if want not in plans:
+            plans[want] = plan_configs(model, batch=batch, dtype=want, memory_format=memory_format, round_to=round_to)
+        return plans[want]
+
+    # Plan before Ray starts: a bad model name or layer fails in a second, not after start-up.
+    configs_for("cpu")
+    store = TableStore(tables)
+    if backend is None:
+        if protocol is None and quick:
+            from fleetprune.profiler import TimingProtocol
+
+            protocol = TimingProtocol.quick()
+        backend = BackendSpec.torch(protocol)  # type: ignore[arg-type]
+    common = dict(devices=devices, threads=threads, backend=backend, chunk_size=chunk_size, seed=seed,
+                  progress=progress)
+    if ray_address.strip().lower() == "none":
+        from fleetprune.cluster.local import profile_local
+
+        summary = profile_local(configs_for, store, **common)
+    else:
+        from fleetprune.cluster.connect import connect
+        from fleetprune.cluster.run import profile_fleet
+
+        with connect(ray_address) as conn:
+            connected = time.perf_counter()
+            summary = profile_fleet(configs_for, store, max_retries=max_retries, address=conn.display, **common)
+        summary.startup_s += connected - started
+    summary.seconds = time.perf_counter() - started
+    log.info("profile %s: %d measured, %d failed, %.1f s", model, summary.measured, summary.failed, summary.seconds)
+    return summary
+
+
+def fleet(ray_address: str = DEFAULT_ADDRESS, *, threads: int | None = None, probe_gpus: bool = True) -> Fleet:
+    """The device types ``profile`` would measure on (``none``: this machine's, without Ray).
+
+    Raises:
+        DeviceError: an unreachable cluster.
+    """
+    if ray_address.strip().lower() == "none":
+        from fleetprune.cluster.local import local_fleet
+
+        return local_fleet(threads)
+    from fleetprune.cluster.connect import connect
+    from fleetprune.cluster.discover import discover
+
+    with connect(ray_address) as conn:
+        return discover(threads=threads, probe_gpus=probe_gpus, address=conn.address if conn.mode != "local" else None)
+
+
+__all__ = ["default_dtype", "default_round_to", "fleet", "plan_configs", "profile"]

@@ -1,0 +1,109 @@
+"""``fleetprune profile MODEL``: measure a model's layer configurations on every device type into tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from fleetprune.cli.fleet import add_cluster_options, positive_int
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+MEMORY_FORMAT_CHOICES = ("nchw", "nhwc")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``profile`` verb."""
+    p = subparsers.add_parser(
+        "profile",
+        help="measure every layer configuration of a model on each device type of the fleet",
+        description="Measure every layer configuration the pruner may choose for MODEL on each device type "
+                    "of the fleet, into one latency table per device. Configurations a table already holds "
+                    "are skipped, so an interrupted run resumes where it stopped.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model name (e.g. resnet20, resnet18, mobilenet_v2)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype (default: fp32 on CPUs, fp16 on GPUs)")
+    p.add_argument("--memory-format", choices=MEMORY_FORMAT_CHOICES, default="nhwc",
+                   help="memory format (default nhwc: channels_last)")
+    p.add_argument("--round-to", type=positive_int, metavar="N",
+                   help="channel alignment of width choices (default 16 for fp32, 8 for fp16/bf16)")
+    p.add_argument("--tables", default="tables", metavar="ROOT",
+                   help="table root: a folder or a pyarrow filesystem URI (default: ./tables)")
+    p.add_argument("--devices", default="all", metavar="TYPES",
+                   help="all (default), or comma-separated device types or table keys (see `fleetprune fleet`), "
+                        "or cpu / gpu")
+    add_cluster_options(p)
+    p.add_argument("--quick", action="store_true", help="quick, rough timing protocol (smoke runs, not real tables)")
+    p.add_argument("--chunk-size", type=positive_int, metavar="N",
+                   help="configurations per chunk; each chunk is one part file (default: automatic)")
+    # For tests and demos: time nothing, make latencies up (tables are marked fake). fake[:SECONDS].
+    p.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _backend(text: str) -> Any:
+    from fleetprune.cluster.spec import BackendSpec
+
+    kind, _, cost = text.partition(":")
+    if kind == "torch" and not cost:
+        return None
+    if kind == "fake":
+        try:
+            return BackendSpec.fake(float(cost or 0.0))
+        except ValueError:
+            pass
+    raise SystemExit(f"fleetprune profile: error: --backend must be torch or fake[:SECONDS], got {text!r}")
+
+
+class ProgressBars:
+    """One tqdm bar per device type (done/total with an ETA), created when the type starts."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.device_key)
+        if bar is None:
+            bar = tqdm(total=event.total, initial=event.done, desc=event.device_type, unit="cfg",
+                       position=len(self.bars), leave=True, file=sys.stderr, dynamic_ncols=True,
+                       disable=None)  # None: no bars when stderr is not a terminal (logs, CI)
+            self.bars[event.device_key] = bar
+        if event.done > bar.n:
+            bar.update(event.done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Profile, print the summary; exit non-zero when configurations failed."""
+    from fleetprune.api.profile import profile
+    from fleetprune.errors import ProfileError
+
+    if not getattr(args, "verbose", False):
+        # Noisy rows are counted in the summary; one warning per row would drown the bars.
+        logging.getLogger("fleetprune.profiler.run").setLevel(logging.ERROR)
+    bars = ProgressBars()
+    try:
+        summary = profile(
+            args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
+            round_to=args.round_to, tables=args.tables, devices=args.devices, ray_address=args.ray_address,
+            threads=args.threads, quick=args.quick, backend=_backend(args.backend), chunk_size=args.chunk_size,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    print(summary.format())
+    if summary.measured == 0 and summary.ok:
+        print("nothing to measure: the tables already hold every configuration")
+    if not summary.ok:
+        raise ProfileError(
+            f"{summary.failed} configuration(s) could not be measured (see above); what was measured is saved, "
+            "rerun the same command to retry the rest"
+        )
+    return 0

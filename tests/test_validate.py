@@ -1,0 +1,214 @@
+"""``fleetprune validate``: rows whose figures recompute, a stored correction, and the errors users hit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from fleetprune.api import validate as vmod
+from fleetprune.api.validate import draw_widths, fidelity, fit_correction, validate
+from fleetprune.cli import main
+from fleetprune.errors import DeviceError, MissingConfigsError
+from fleetprune.profiler import TimingProtocol, TorchTimingBackend, cpu_device, profile_configs, provenance
+from fleetprune.pruner.plan import build_plan
+from fleetprune.pruner.variant import example_input
+from fleetprune.tables import TableStore, make_row
+from fleetprune.tables.schema import read_provenance
+
+SHAPE = (3, 16, 16)
+FORMAT = "nhwc"
+VARIANTS = 6
+OTHER = "cpu-some-other-chip-t1"
+
+
+class Tiny(nn.Module):
+    """Stem 3->32, body 32->48 (stride 2), linear head: two prunable groups, 11 configurations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(32, 48, 3, 2, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.body(self.stem(x))), 1))
+
+
+def tiny_plan():
+    return build_plan(Tiny(), example_input(SHAPE), round_to=16, memory_format=FORMAT)
+
+
+@pytest.fixture(scope="module")
+def device():
+    # One thread: on a loaded 2-core machine two threads wait on each other and times explode.
+    return cpu_device(1)
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, device):
+    """A real (quick) table of this CPU covering every configuration of the tiny model's plan."""
+    protocol = TimingProtocol.quick()
+    rows = list(profile_configs(tiny_plan().configs(), TorchTimingBackend(device, protocol)))
+    root = tmp_path_factory.mktemp("validate") / "tables"
+    TableStore(root).write(device.key, rows, provenance(device, protocol))
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def run(profiled, device):
+    root, _ = profiled
+    summary = validate("tiny", str(root), device.key, variants=VARIANTS, model_factory=Tiny,
+                       input_shape=SHAPE, protocol=TimingProtocol.quick())
+    return root, summary
+
+
+def _frame(root) -> pd.DataFrame:
+    return pd.read_parquet(root / "validation.parquet")
+
+
+def test_rows_are_written_and_the_figures_recompute_from_them(run, device):
+    root, s = run
+    df = _frame(root)
+    df = df[df["run_id"] == s.run_id].sort_values("variant")
+    assert len(df) == VARIANTS + 1
+    assert df["dense"].tolist() == [True] + [False] * VARIANTS
+    assert set(df["device_key"]) == {device.key} and set(df["model"]) == {"tiny"}
+    assert set(df["input_shape"]) == {"3x16x16"} and set(df["memory_format"]) == {FORMAT}
+    np.testing.assert_allclose(df["rel_error"], (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"])
+    np.testing.assert_allclose(df["predicted_ms"], df["layer_sum_ms"] + df["fixed_ms"])
+    assert (df["measured_p10_ms"] <= df["measured_ms"]).all() and (df["measured_ms"] <= df["measured_p90_ms"]).all()
+
+    varied = df[~df["dense"]]
+    before = fidelity(varied["predicted_ms"], varied["measured_ms"])
+    for k in ("n", "within_5", "within_10", "median_abs_error", "bias", "spearman"):
+        assert getattr(s, k) == pytest.approx(before[k], nan_ok=True), k
+    # The figures are what they claim to be, not just consistent with themselves.
+    rel = (varied["predicted_ms"] - varied["measured_ms"]) / varied["measured_ms"]
+    assert s.within_10 == pytest.approx(float((rel.abs() <= 0.10).mean()))
+    assert s.bias == pytest.approx(float(rel.median()))
+    assert s.raw == pytest.approx(fidelity(varied["layer_sum_ms"], varied["measured_ms"]), nan_ok=True)
+
+    held = varied[~varied["calibration"]]
+    assert len(held) == VARIANTS - vmod.calibration_count(VARIANTS) > 0
+    assert s.after == pytest.approx(fidelity(held["corrected_ms"], held["measured_ms"]), nan_ok=True)
+    assert s.held_out_before == pytest.approx(fidelity(held["predicted_ms"], held["measured_ms"]), nan_ok=True)
+
+
+def test_rows_carry_the_tables_provenance(run, device):
+    root, s = run
+    part = pq.read_schema(s.path)
+    prov = read_provenance(part)
+    assert prov["device_key"] == device.key
+    assert prov["timing_protocol"] == TimingProtocol.quick().to_dict()
+    assert prov["fingerprint"]["cpu_model"] == device.fingerprint["cpu_model"]
+
+
+def test_the_fitted_correction_is_stored_and_read_back(run, device):
+    root, s = run
+    df = _frame(root)
+    calib = df[(df["run_id"] == s.run_id) & df["calibration"]].sort_values("variant")
+    assert calib["variant"].tolist() == list(range(vmod.calibration_count(VARIANTS) + 1))  # dense + first k
+    refit = fit_correction(calib["layer_sum_ms"], calib["measured_ms"])
+    assert (s.correction["a"], s.correction["b"]) == pytest.approx((refit["a"], refit["b"]))
+
+    table = TableStore(root).read(device.key)
+    assert table.correction == pytest.approx((s.correction["a"], s.correction["b"]))
+    stored = table.provenance["correction"]
+    assert stored["model"] == "tiny" and stored["input_shape"] == list(SHAPE)
+    assert (stored["batch"], stored["dtype"], stored["memory_format"]) == (1, "fp32", FORMAT)
+    # The rows measured are untouched by the correction part.
+    assert len(table) == len(tiny_plan().configs())
+    df_run = df[df["run_id"] == s.run_id]
+    np.testing.assert_allclose(df_run["corrected_ms"], s.correction["a"] * df_run["layer_sum_ms"] + s.correction["b"])
+
+
+def test_a_second_run_appends_with_the_same_columns(run, device):
+    root, first = run
+    s = validate("tiny", str(root), device.key, variants=1, model_factory=Tiny, input_shape=SHAPE,
+                 protocol=TimingProtocol.quick(), fit=False, seed=1)
+    df = _frame(root)
+    assert set(df["run_id"]) >= {first.run_id, s.run_id}
+    mine = df[df["run_id"] == s.run_id]
+    assert len(mine) == 2 and mine["corrected_ms"].isna().all() and not mine["calibration"].any()
+    assert s.correction is None and s.after is None
+    # Without a fit the stored correction of the earlier run stays.
+    assert TableStore(root).read(device.key).correction == pytest.approx((first.correction["a"], first.correction["b"]))
+
+
+def test_a_table_of_another_device_is_refused(profiled, tmp_path, device):
+    _, rows = profiled
+    root = tmp_path / "tables"
+    prov = dict(provenance(device, TimingProtocol.quick()), device_key=OTHER)
+    TableStore(root).write(OTHER, [dict(r, device_key=OTHER) for r in rows], prov)
+    with pytest.raises(DeviceError, match="not one of its devices"):
+        validate("tiny", str(root), OTHER, variants=2, model_factory=Tiny, input_shape=SHAPE)
+    assert not (root / "validation.parquet").exists()
+
+
+def test_missing_configurations_fail_before_anything_is_measured(profiled, tmp_path, device, monkeypatch):
+    _, rows = profiled
+    dropped = sorted(r["key"] for r in rows if r["op"] == "linear")
+    root = tmp_path / "tables"
+    TableStore(root).write(device.key, [r for r in rows if r["key"] not in dropped],
+                           provenance(device, TimingProtocol.quick()))
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured although configurations are missing")
+
+    monkeypatch.setattr(vmod, "measure_model", no_measuring)
+    with pytest.raises(MissingConfigsError) as err:
+        validate("tiny", str(root), device.key, variants=4, model_factory=Tiny, input_shape=SHAPE)
+    assert set(err.value.missing) <= set(dropped) and err.value.missing
+    assert f"fleetprune profile tiny --tables {root} --devices {device.key}" in str(err.value)
+    assert not (root / "validation.parquet").exists()
+    assert TableStore(root).read(device.key).correction is None
+
+
+def test_cli_prints_the_error_and_exits_2(profiled, tmp_path, device, capsys):
+    _, rows = profiled
+    root = tmp_path / "tables"
+    prov = dict(provenance(device, TimingProtocol.quick()), device_key=OTHER)
+    TableStore(root).write(OTHER, [dict(r, device_key=OTHER) for r in rows], prov)
+    code = main(["validate", "resnet20", "--tables", str(root), "--device", OTHER, "--variants", "3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: validate measures on this machine, but the table's device '{OTHER}'" in err
+    assert "Traceback" not in err
+
+    code = main(["validate", "resnet20", "--tables", str(root), "--device", "cpu-nowhere-t9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no latency table for device 'cpu-nowhere-t9'" in err and OTHER in err
+
+
+def test_fidelity_figures_on_known_numbers():
+    f = fidelity([1.0, 2.18, 2.73, 4.0], [1.0, 2.0, 3.0, 5.0])  # errors 0, +9%, -9%, -20%
+    assert f["n"] == 4
+    assert f["within_5"] == 0.25 and f["within_10"] == pytest.approx(0.75)
+    assert f["median_abs_error"] == pytest.approx(0.09)
+    assert f["bias"] == pytest.approx(-0.045)
+    assert f["spearman"] == pytest.approx(1.0)
+    assert math.isnan(fidelity([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["spearman"])
+
+
+def test_fit_correction_recovers_a_line():
+    x = np.array([1.0, 2.0, 4.0, 8.0])
+    fit = fit_correction(x, 1.3 * x + 0.25)
+    assert (fit["a"], fit["b"], fit["n"]) == pytest.approx((1.3, 0.25, 4))
+
+
+def test_random_width_plans_are_valid_spread_and_repeatable():
+    plan = tiny_plan()
+    plans = draw_widths(plan, 12, seed=3)
+    assert plans == draw_widths(plan, 12, seed=3)
+    assert plans[0] == plan.dense_widths() and len(plans) == 13
+    for w in plans:
+        assert all(w[g.name] in g.choices for g in plan.groups)
+    body = {w[plan.layer("body.0").out_group] for w in plans[1:]}
+    assert len(body) >= 2  # not every plan is the same shrink
