@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         c = s.correction
         rows.append([name, label, *_figures(s.to_dict()), *_figures(s.after),
-                     f"{c['a']:.3f}" if c else "-", f"{c['b']:+.3f}" if c else "-"])
+                     (f"{c['a']:.3f}" + ("" if s.correction_stored else " (not stored)")) if c else "-",
+                     f"{c['b']:+.3f}" if c else "-"])
         notes.append(
             f"{name} {label}: dense measured {s.dense_measured_ms:.3f} ms, layer sum {s.dense_layer_sum_ms:.3f} ms "
             f"(layer sum alone: median |err| {_pct(s.raw['median_abs_error'])}, bias {_pct(s.raw['bias'], 1, True)}); "

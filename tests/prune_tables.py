@@ -16,6 +16,7 @@ from fleetprune.pruner.variant import example_input
 from fleetprune.tables import LayerConfig, TableStore, make_row
 
 _CACHE: dict[tuple, str] = {}
+CPU_THREADS = 1
 
 
 def _tmpdir(prefix: str) -> str:
@@ -66,14 +67,18 @@ def fake_tables(model: str = "resnet20", batch: int = 1) -> str:
 
 
 def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, input_size: int | None = None) -> str:
-    """A root with this CPU's table for the models' configurations, timed with the quick protocol."""
+    """A root with this CPU's table (one thread) for the models' configurations, quick protocol.
+
+    One thread: on the shared 2-core test machines two OpenMP threads contend with other processes
+    and a 0.2 ms conv can take 30 ms; one thread keeps the rough numbers rough, not absurd.
+    """
     from fleetprune.profiler import TimingProtocol, TorchTimingBackend, cpu_device, profile_configs, provenance
 
     key = ("cpu", model_names, batch, input_size)
     if key not in _CACHE:
         root = _tmpdir("fp-cpu-tables-")
         configs = list(dict.fromkeys(c for m in model_names for c in plan_configs(m, batch, input_size=input_size)))
-        device, protocol = cpu_device(), TimingProtocol.quick()
+        device, protocol = cpu_device(CPU_THREADS), TimingProtocol.quick()
         rows = list(profile_configs(configs, TorchTimingBackend(device, protocol)))
         TableStore(root).write(device.key, rows, provenance(device, protocol))
         _CACHE[key] = root

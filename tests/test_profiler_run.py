@@ -110,3 +110,21 @@ def test_unbuildable_config_raises_after_earlier_rows():
         for row in profile_configs([good, bad], backend, seed=3):
             rows.append(row)
     assert all(r["key"] == good.key for r in rows)
+
+
+@pytest.mark.gpu
+def test_cuda_rows_are_valid():
+    from fleetprune.profiler import cuda_device
+
+    configs = [
+        LayerConfig("conv", 64, 64, kh=3, kw=3, ph=1, pw=1, in_h=32, in_w=32, batch=8, dtype="fp16",
+                    memory_format="nhwc"),
+        LayerConfig("linear", 512, 1000, batch=8, act="none"),
+    ]
+    backend = TorchTimingBackend(cuda_device(0), TimingProtocol.quick())
+    rows = list(profile_configs(configs, backend))
+    assert sorted(r["key"] for r in rows) == sorted(c.key for c in configs)
+    for row in rows:
+        assert row["device_key"].startswith("cuda-")
+        assert 0 < row["lat_ms_p10"] <= row["lat_ms_median"] <= row["lat_ms_p90"]
+        assert row["n_samples"] >= TimingProtocol.quick().repeats

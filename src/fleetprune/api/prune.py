@@ -7,11 +7,15 @@ physically, measure the variant end to end when the device is this machine, and 
 folder. Everything that can be checked without pruning is checked for every device first, so a bad
 table or budget fails in seconds and before anything is written.
 
-The fixed part (what the per-layer rows do not cover: pooling, adds, batch norms run unfused,
-framework overhead) comes from, in this order:
+End-to-end measurements run the network as deployed and as the table prices its layers: eval
+mode with every batch norm folded into its conv (``export.fold_batchnorm``); ``model.ts`` is that
+folded network too.
 
-1. on this machine: an end-to-end measurement of the dense model, ``fixed = measured - layer sum``
-   (clamped at 0); the dense latency is then the measured one;
+The fixed part (what the per-layer rows do not cover: pooling, residual adds, the classifier's
+flatten, framework overhead) comes from, in this order:
+
+1. on this machine: an end-to-end measurement of the dense (folded) model, ``fixed = measured -
+   layer sum`` (clamped at 0); the dense latency is then the measured one;
 2. elsewhere, when ``fleetprune validate`` stored a correction ``measured ~ a * layer_sum + b`` for
    this model, batch, dtype and memory format: every row is scaled by ``a`` and ``fixed = b``;
 3. otherwise 0: the table rows only, as HALP counts latency. Relative budgets stay meaningful (a
@@ -33,7 +37,7 @@ from torch import nn
 
 from fleetprune import models
 from fleetprune.errors import BudgetError, DeviceError, FleetpruneError, MissingConfigsError, TableError
-from fleetprune.pruner.export import module_widths, remove_channels, shrink_to_widths
+from fleetprune.pruner.export import fold_batchnorm, module_widths, remove_channels, shrink_to_widths
 from fleetprune.pruner.latency import LatencyModel
 from fleetprune.pruner.plan import Plan, build_plan
 from fleetprune.pruner.progressive import METHODS, FinetuneHook, progressive_prune
@@ -208,10 +212,18 @@ def _correction(table: LatencyTable, model_name: str, setting: _Setting) -> tupl
     return corr
 
 
-def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, root: str) -> MissingConfigsError:
-    msg = missing_message(table.device_key, missing, root).replace("fleetprune profile MODEL", f"fleetprune profile {model_name}")
-    msg = msg.replace("(MODEL = the model you are pruning)", "").replace("measure them with :", "measure them with:")
-    return MissingConfigsError(msg, [c.key for c in missing])
+def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, root: str,
+                   round_to: int | None) -> MissingConfigsError:
+    msg = missing_message(table.device_key, missing, root)
+    msg = msg.replace("measure them with (MODEL = the model you are pruning):", "measure them with:")
+    lines = []
+    for line in msg.splitlines():
+        if line.lstrip().startswith("fleetprune profile MODEL"):
+            line = line.replace("fleetprune profile MODEL", f"fleetprune profile {model_name}")
+            if round_to is not None:
+                line += f" --round-to {round_to}"
+        lines.append(line)
+    return MissingConfigsError("\n".join(lines), [c.key for c in missing])
 
 
 # ------------------------------------------------------------------------------------------- verb
@@ -286,6 +298,8 @@ def prune(
         raise FleetpruneError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if steps < 1:
         raise BudgetError(f"--steps must be at least 1, got {steps}")
+    if (round_to is not None and round_to < 1) or max_choices < 1:
+        raise FleetpruneError(f"--round-to and --max-choices must be at least 1, got {round_to} and {max_choices}")
     out = Path(out)
     _check_out(out, overwrite)
     store = TableStore(tables)
@@ -324,7 +338,7 @@ def prune(
             )
         missing = table.missing(plan.configs())
         if missing:
-            raise _missing_error(table, missing, model_name, tables)
+            raise _missing_error(table, missing, model_name, tables, round_to)
         job = jobs[-1]
         _settle_latency(job, plan, model_name, dense, shape, protocol)
         # The budget is checked now for every device, before any pruning or writing.
@@ -416,7 +430,8 @@ def _prune_one(
                                finetune=finetune, importance_kwargs=importance_kwargs)
     model.eval()
     remove_channels(model, plan, result.keep_indices(), example_input(shape, 1, "nchw"))
-    measured = _measure(model, full_shape, job, protocol) if job.local is not None else None
+    deploy, folded = fold_batchnorm(model)
+    measured = _measure(deploy, full_shape, job, protocol) if job.local is not None else None
     widths = module_widths(model, plan)
     report = {
         "device_key": job.device_key,
@@ -439,6 +454,7 @@ def _prune_one(
         "predicted_ms": result.predicted_ms,
         "measured_ms": measured,
         "measured_error": None if measured is None else (result.predicted_ms - measured) / measured,
+        "measured_as": "batch norms folded into the convs (torch.fx), eval mode" if folded else "as given, eval mode",
         "solver_time_s": result.solver_time_s,
         "widths": widths,
         "dense_widths": plan.dense_widths(),
@@ -447,7 +463,7 @@ def _prune_one(
     folder = write_variant(
         out, job.device_key, model, model_name=model_name, model_kwargs=model_kwargs, input_shape=shape,
         dtype=setting.dtype, memory_format=setting.memory_format, batch=setting.batch,
-        plan_json=plan.to_dict(), widths=widths, report=report, overwrite=overwrite,
+        plan_json=plan.to_dict(), widths=widths, report=report, overwrite=overwrite, deploy_model=deploy,
     )
     return DeviceResult(
         device_key=job.device_key, folder=folder, dense_ms=dense_ms, budget_ms=budget_ms,
@@ -461,7 +477,7 @@ def _settle_latency(job: _Job, plan: Plan, model_name: str, dense: nn.Module, sh
     """Give ``job`` its latency model: fixed part measured here, from a correction, or 0."""
     lm = LatencyModel(plan, job.table, 0.0, FIXED_TABLE_ONLY)
     if job.local is not None:
-        job.dense_measured_ms = _measure(dense, (job.setting.batch, *shape), job, protocol)
+        job.dense_measured_ms = _measure(fold_batchnorm(dense)[0], (job.setting.batch, *shape), job, protocol)
         layers = lm.layer_sum()
         lm = lm.with_measured_dense(job.dense_measured_ms, FIXED_MEASURED)
         if job.dense_measured_ms < layers:

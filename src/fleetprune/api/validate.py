@@ -103,6 +103,7 @@ class ValidationSummary:
     fixed_ms: float
     raw: dict[str, float] = field(default_factory=dict)
     correction: dict[str, Any] | None = None
+    correction_stored: bool = False
     held_out_before: dict[str, float] | None = None
     after: dict[str, float] | None = None
     path: str = ""
@@ -275,10 +276,22 @@ def _setting(table: LatencyTable, batch: int | None, dtype: str | None, memory_f
     return fits[0]
 
 
-def _missing(table: LatencyTable, configs: list[LayerConfig], model_name: str, root: str) -> MissingConfigsError:
+def _missing(
+    table: LatencyTable, configs: list[LayerConfig], model_name: str, root: str, input_shape: tuple[int, ...] | None
+) -> MissingConfigsError:
+    """The miss error, its profile commands naming the model (and the input size when not the default).
+
+    ``input_shape=None`` for models outside the registry.
+    """
     msg = missing_message(table.device_key, configs, root)
     msg = msg.replace("fleetprune profile MODEL", f"fleetprune profile {shlex.quote(model_name)}")
     msg = msg.replace(" (MODEL = the model you are pruning)", "")
+    if input_shape is not None and tuple(models.input_shape(model_name)) != tuple(input_shape):
+        size = f"{input_shape[1]}x{input_shape[2]}" if len(input_shape) == 3 else "x".join(map(str, input_shape[1:]))
+        msg = "\n".join(
+            f"{line} --input-size {size}" if line.lstrip().startswith("fleetprune profile") else line
+            for line in msg.splitlines()
+        )
     return MissingConfigsError(msg, [c.key for c in configs])
 
 
@@ -304,7 +317,8 @@ def validate(
     """Predict and measure ``variants`` random width plans plus the dense model on this machine.
 
     Writes one row per network to ``TABLES/validation.parquet`` (with the table's provenance) and,
-    with ``fit``, stores the fitted correction in the device's table (``LatencyTable.correction``).
+    with ``fit``, stores the fitted correction in the device's table (``LatencyTable.correction``)
+    unless its slope is not positive (noise, not a calibration).
 
     Args:
         model_name: a name from :func:`fleetprune.models.names` (or any label with ``model_factory``).
@@ -337,7 +351,7 @@ def validate(
     )
     missing = table.missing(d.configs())
     if missing:
-        raise _missing(table, missing, model_name, tables)
+        raise _missing(table, missing, model_name, tables, None if model_factory else d.input_shape)
     if protocol is None:
         protocol = _table_protocol(table)
     lm = LatencyModel(d.plan, table)
@@ -348,6 +362,8 @@ def validate(
     log.info("validate %s on %s: %d networks, %s, batch %d %s %s, run %s", model_name, device, len(d.widths),
              shape_label, batch, dtype, memory_format, run_id)
 
+    if progress:
+        progress(0, len(d.widths))  # every check passed: measuring starts
     rows: list[dict[str, Any]] = []
     for i, widths in enumerate(d.widths):
         net = d.factory().eval()
@@ -414,11 +430,15 @@ def validate(
         summary.correction = corr
         summary.held_out_before = fidelity([r["predicted_ms"] for r in held], [r["measured_ms"] for r in held])
         summary.after = fidelity([r["corrected_ms"] for r in held], [r["measured_ms"] for r in held])
-        if corr["a"] <= 0:
-            log.warning("%s: the fitted slope a=%.4g is not positive; the measurements are too noisy to "
-                        "calibrate (rerun on a quiet machine)", device, corr["a"])
-        store.set_correction(device, corr, provenance=table.provenance)
-        log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms", device, corr["a"], corr["b"])
+        if corr["a"] > 0:
+            store.set_correction(device, corr, provenance=table.provenance)
+            summary.correction_stored = True
+            log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms", device, corr["a"], corr["b"])
+        else:
+            # A slope <= 0 would make the pruner's latency model fall as layers grow: never store it.
+            log.warning("%s: the fitted slope a=%.4g is not positive, so the correction is not stored; the "
+                        "end-to-end measurements are too noisy to calibrate (rerun on a quiet machine)",
+                        device, corr["a"])
     summary.path = store.append_validation(rows, provenance=table.provenance)
     return summary
 

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype (default: the table's only one)")
     p.add_argument("--memory-format", choices=["nchw", "nhwc"], help="memory format (default: the table's only one)")
     p.add_argument("--round-to", type=int, help="channel alignment of units (default 16 for fp32, else 8)")
+    p.add_argument("--max-choices", type=int, default=32,
+                   help="most width choices per channel group (default 32); must match the profiled table")
     p.add_argument("--no-measure", action="store_true",
                    help="do not measure end to end even when a device is this machine")
     p.add_argument("--quick", action="store_true", help="short timing protocol for the measurements (noisier)")
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, tables=args.tables, devices=args.device, budget=args.budget, out=args.out, steps=args.steps,
         weights=args.weights, num_classes=args.num_classes, input_size=_input_size(args.input_size),
         method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
-        memory_format=args.memory_format, round_to=args.round_to, overwrite=args.overwrite,
+        memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
+        overwrite=args.overwrite,
         finetune=finetune, measure=not args.no_measure,
         protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
     )

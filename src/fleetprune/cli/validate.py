@@ -76,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from fleetprune.profiler import TimingProtocol
 
     shape = parse_input_size(args.input_size, args.model)
-    bar = tqdm(total=args.variants + 1, desc=f"validate {args.model} on {args.device}", unit="net", leave=False)
+    bars: list[tqdm] = []  # created once the checks pass, so an error is not printed under a bar
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"validate {args.model} on {args.device}", unit="net", leave=False))
+        bars[0].n = done
+        bars[0].refresh()
 
     try:
         s = validate(
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             fit=not args.no_fit, progress=progress,
         )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     shape_text = "x".join(str(v) for v in s.input_shape)
     print(f"{s.model} ({shape_text}, batch {s.batch} {s.dtype} {s.memory_format}) on {s.device_key}, run {s.run_id}")
     print(f"dense: measured {s.dense_measured_ms:.4g} ms, layer sum {s.dense_layer_sum_ms:.4g} ms, "
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     if s.correction:
         c = s.correction
         print(f"fitted on the dense model + {c['n'] - 1} variants: measured = {c['a']:.4f} * layer_sum "
-              f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms (stored in the table)")
+              f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms "
+              + ("(stored in the table)" if s.correction_stored else "(NOT stored: the slope is not positive)"))
         print(line("  held out, before", s.held_out_before))
         print(line("  held out, corrected", s.after))
     print(f"rows written to {s.path}")

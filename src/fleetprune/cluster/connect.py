@@ -154,7 +154,7 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None,
         reach_timeout_s: how long to wait for an address to answer before giving up.
 
     If Ray is already initialised in this process (a notebook, a test session), that connection
-    is used whatever ``address`` says (except ``none``) and left open.
+    is used (and left open) for ``local``, ``auto`` and its own address; another address is an error.
 
     Raises:
         DeviceError: nothing to attach to, an unreachable or malformed address, Ray missing, or an
@@ -167,8 +167,12 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None,
     ray = _import_ray()
     if ray.is_initialized():
         current = _current_address(ray)
-        if mode.lower() not in (LOCAL, AUTO) and current and mode.removeprefix("ray://") != current:
-            log.warning("Ray is already initialised in this process (cluster %s); using it, not %s", current, mode)
+        if mode.lower() not in (LOCAL, AUTO) and current and split_host_port(mode)[1] != split_host_port(current)[1]:
+            check_reachable(mode, reach_timeout_s)  # an unreachable address is reported as such
+            raise DeviceError(
+                f"this process is already connected to the Ray cluster at {current}, not {mode}; Ray allows one "
+                "cluster per process: call ray.shutdown() first, or pass that cluster's address"
+            )
         yield Connection("reused", current, owned=False)
         return
     init_kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)

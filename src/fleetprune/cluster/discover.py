@@ -4,7 +4,8 @@ GPU types come from the ``accelerator_type:<T>`` resource Ray puts on every GPU 
 GPUs but no such resource is of type ``GPU``). Nodes without GPUs are CPU nodes, grouped by the
 table key the profiler gives their CPU, ``cpu_device(threads).key``; that key is read by a tiny
 task pinned to each node, because node resources do not say which CPU a node has. GPU nodes get
-the same probe (with a sliver of a GPU) so their table key is known before any actor starts.
+the same probe on one node per type (with a sliver of a GPU) so their table key is known before any
+actor starts; if the probe cannot answer, the actors report the key.
 """
 
 from __future__ import annotations
@@ -87,18 +88,19 @@ def discover(*, threads: int | None = None, probe_gpus: bool = True,
                 cpu_nodes.append((node, want))
 
     probe = ray.remote(probe_device)
+    # max_calls=1: the worker exits afterwards instead of idling with a CUDA context on the GPU.
+    gpu_probe = ray.remote(max_calls=1)(probe_device)
     refs: dict[Any, tuple[str, NodeInfo, Any]] = {}
     for node, want in cpu_nodes:
         ref = probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote("cpu", want)
         refs[ref] = ("cpu", node, want)
     if probe_gpus:
+        # One node per type: Ray's accelerator type already says all its nodes carry the same GPU.
         for name, nodes in gpu_groups.items():
-            for node in nodes:
-                # max_calls=1: the worker exits afterwards instead of idling with a CUDA context.
-                ref = probe.options(num_cpus=0, num_gpus=PROBE_GPU_FRACTION, max_calls=1,
-                                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+            ref = gpu_probe.options(num_cpus=0, num_gpus=PROBE_GPU_FRACTION,
+                                    scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[0].node_id, soft=False)
                                     ).remote("cuda", None)
-                refs[ref] = ("cuda", node, name)
+            refs[ref] = ("cuda", nodes[0], name)
     answers = _gather(refs, probe_timeout_s)
 
     types: list[DeviceType] = []
@@ -115,18 +117,13 @@ def discover(*, threads: int | None = None, probe_gpus: bool = True,
         label, want = cpu_meta[key]
         types.append(DeviceType(name=key, kind="cpu", nodes=tuple(nodes), key=key, label=label, threads=want))
     for name, nodes in gpu_groups.items():
-        found = [answers.get(n.node_id + ":cuda") for n in nodes]
-        keys = {a["key"] for a in found if a and a["key"]}
-        labels = {a["label"] for a in found if a and a["label"]}
-        for n, a in zip(nodes, found):
-            if probe_gpus and (a is None or a["key"] is None):
-                log.warning("GPU type %s: could not read the device on node %s (%s)", name, n.short_id,
-                            _probe_problem(a, probe_timeout_s))
-        if len(keys) > 1:
-            log.warning("GPU type %s: nodes report different devices %s; its actors will sort them out", name, sorted(keys))
-        types.append(DeviceType(name=name, kind="cuda", nodes=tuple(nodes),
-                                key=next(iter(keys)) if len(keys) == 1 else None,
-                                label=next(iter(labels)) if len(labels) == 1 else name))
+        ans = answers.get(nodes[0].node_id + ":cuda")
+        if probe_gpus and (ans is None or ans["key"] is None):
+            log.warning("GPU type %s: could not read its device on node %s (%s); its actors will report it", name,
+                        nodes[0].short_id, _probe_problem(ans, probe_timeout_s))
+        key = ans["key"] if ans else None
+        types.append(DeviceType(name=name, kind="cuda", nodes=tuple(nodes), key=key,
+                                label=(ans or {}).get("label") or name))
     fleet = Fleet(sort_types(types), tuple(unusable), address)
     log.info("fleet: %s", "; ".join(t.describe() for t in fleet.types) or "no usable device")
     return fleet

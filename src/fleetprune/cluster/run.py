@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 2
 STARTUP_TIMEOUT_S = 300.0
+START_GRACE_S = 30.0
 _POLL_S = 0.5
 
 
@@ -47,7 +48,7 @@ class _Live:
     spawned: ActorHandle
     record: ActorRecord
     started_at: float
-    state: str = "starting"  # starting | idle | busy | dead
+    state: str = "starting"  # starting | waiting (for its siblings) | idle | busy | dead
     ledger: Ledger | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -68,8 +69,9 @@ def profile_fleet(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    start_grace_s: float = START_GRACE_S,
     fleet: Fleet | None = None,
-    address: str = "ray",
+    address: str | None = None,
 ) -> RunSummary:
     """Measure ``configs`` on every chosen device type of the connected Ray cluster into ``store``.
 
@@ -88,8 +90,9 @@ def profile_fleet(
         seed: shuffles the configurations (chunk ``i`` is measured with ``seed + i``).
         progress: called with a :class:`~fleetprune.cluster.summary.ProgressEvent` per chunk.
         startup_timeout_s: an actor not ready by then is given up.
+        start_grace_s: a type's ready actors wait this long for its other actors before starting.
         fleet: an already discovered fleet (default: discover it now).
-        address: how the summary names where it ran.
+        address: how the summary and messages name the cluster (default: its GCS address).
 
     Returns:
         The summary; failures are in it, not raised.
@@ -104,11 +107,13 @@ def profile_fleet(
     spec = backend or BackendSpec.torch()
     store = store if isinstance(store, TableStore) else TableStore(store)
     source = as_source(configs)
+    if address is None:
+        address = ray.get_runtime_context().gcs_address
     if fleet is None:
         fleet = discover(threads=threads, probe_gpus=not spec.is_fake, address=None if address == "local" else address)
     extra = {t.name: spec.fake_key(t.name) for t in fleet.types} if spec.is_fake else None
     chosen = select_types(fleet, devices, extra_keys=extra)
-    run = _FleetRun(store, source, spec, chunk_size, max_retries, seed, progress, startup_timeout_s)
+    run = _FleetRun(store, source, spec, chunk_size, max_retries, seed, progress, startup_timeout_s, start_grace_s)
     try:
         for device_type in chosen:
             run.plan(device_type)
@@ -138,7 +143,8 @@ class _FleetRun:
     """The state of one run: ledgers per table key, live actors, refs in flight."""
 
     def __init__(self, store: TableStore, source: ConfigSource, spec: BackendSpec, chunk_size: int | None,
-                 max_retries: int, seed: int, progress: ProgressCallback | None, startup_timeout_s: float):
+                 max_retries: int, seed: int, progress: ProgressCallback | None, startup_timeout_s: float,
+                 start_grace_s: float):
         self.store = store
         self.source = source
         self.spec = spec
@@ -147,6 +153,7 @@ class _FleetRun:
         self.seed = seed
         self.progress = progress
         self.startup_timeout_s = startup_timeout_s
+        self.start_grace_s = start_grace_s
         self.ledgers: dict[str, Ledger] = {}
         self.type_of: dict[str, DeviceType] = {}
         self.lives: list[_Live] = []
@@ -154,6 +161,7 @@ class _FleetRun:
         self.ready_types: set[str] = set()
         self.dead_types: dict[str, DeviceRun] = {}
         self.started_types: set[str] = set()
+        self.type_ready_at: dict[str, float] = {}
         self.first_ready: float | None = None
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -189,7 +197,10 @@ class _FleetRun:
         """Hand out chunks and write results until every ledger is finished."""
         import ray
 
-        while not self.done():
+        while True:
+            self.open_barriers()
+            if self.done():
+                break
             if not self.refs:
                 for ledger in self.ledgers.values():
                     ledger.fail_pending("no measuring actor is left")
@@ -233,7 +244,23 @@ class _FleetRun:
         live.record.state = "running"
         self.started_types.add(live.type_name)
         log.debug("actor pid %s on node %s measures %s", live.record.pid, live.record.node_id[:8], device.key)
-        self.dispatch(live)
+        self.type_ready_at.setdefault(live.type_name, time.perf_counter())
+        live.state = "waiting"
+
+    def open_barriers(self) -> None:
+        """Start the ready actors of every type whose actors are all up (or whose start grace is over).
+
+        Handing out work only then keeps the split fair: the first process to finish importing
+        torch does not eat a short queue before its siblings are up.
+        """
+        now = time.perf_counter()
+        for live in self.lives:
+            if live.state != "waiting":
+                continue
+            name = live.type_name
+            starting = any(l.type_name == name and l.state == "starting" for l in self.lives)
+            if not starting or now - self.type_ready_at[name] >= self.start_grace_s:
+                self.dispatch(live)
 
     def on_chunk(self, live: _Live, chunk: Chunk, ref: Any) -> None:
         import ray

@@ -60,12 +60,19 @@ class ChunkResult:
 
 
 def chunk_size_for(n_configs: int, workers: int, chunk_size: int | None = None) -> int:
-    """``chunk_size`` if given, else about CHUNKS_PER_WORKER chunks per worker, at most MAX_CHUNK."""
+    """``chunk_size`` if given, else at least CHUNKS_PER_WORKER chunks per worker of at most MAX_CHUNK.
+
+    The number of chunks is rounded up to a multiple of ``workers`` so that equal workers finish
+    together instead of one of them measuring a last chunk alone.
+    """
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    return max(1, min(MAX_CHUNK, math.ceil(n_configs / (CHUNKS_PER_WORKER * max(1, workers)))))
+    workers = max(1, workers)
+    chunks = max(CHUNKS_PER_WORKER * workers, math.ceil(n_configs / MAX_CHUNK))
+    chunks = math.ceil(chunks / workers) * workers
+    return max(1, math.ceil(n_configs / chunks))
 
 
 def make_chunks(configs: Sequence[LayerConfig], size: int, *, seed: int = 0) -> list[Chunk]:

@@ -30,7 +30,8 @@ def check_supported(dtype: str, memory_format: str, device: Any, what: str) -> N
     """Raise :class:`ProfileError` if ``dtype``/``memory_format`` cannot be profiled on ``device``.
 
     fp16 on the CPU is refused: PyTorch runs it through slow conversion paths that no CPU
-    deployment uses, so a table of it would only mislead the pruner. CPU tables use fp32 or bf16.
+    deployment uses, so a table of it would only mislead the pruner. CPU tables use fp32 or bf16
+    (bf16 on an x86 CPU without native bf16 is allowed, with a warning).
 
     Args:
         what: the configuration key or model name, for the message.
@@ -46,8 +47,23 @@ def check_supported(dtype: str, memory_format: str, device: Any, what: str) -> N
             f"{what}: fp16 is not profiled on the CPU (PyTorch emulates it there and nobody deploys "
             "it); profile fp32 or bf16 on the CPU, or fp16 on a CUDA device"
         )
+    if device.kind == "cpu" and dtype == "bf16":
+        _warn_emulated_bf16(device)
     if device.kind == "cuda" and not torch.cuda.is_available():
         raise ProfileError(f"{what}: device {device.key} is CUDA but no CUDA device is visible here")
+
+
+_warned_bf16: set[str] = set()
+
+
+def _warn_emulated_bf16(device: Any) -> None:
+    flags = device.fingerprint.get("isa_flags") or []
+    arch = str(device.fingerprint.get("arch", "")).lower()
+    native = {"avx512_bf16", "amx_bf16"} & set(flags)
+    if arch in ("x86_64", "amd64") and not native and device.key not in _warned_bf16:
+        _warned_bf16.add(device.key)
+        log.warning("%s has no native bf16 (avx512_bf16/amx_bf16): bf16 latencies measure "
+                    "conversion paths; prefer fp32 tables for this CPU", device.key)
 
 
 def _make_module(config: LayerConfig) -> nn.Module:

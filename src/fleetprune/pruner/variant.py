@@ -6,8 +6,8 @@ Layout of ``<root>/<device_key>/``:
   format, batch, the plan JSON and the kept width of every group). With the model factory this is
   enough to rebuild the pruned architecture, so no module is ever pickled.
 - ``weights.pt``: the pruned ``state_dict`` (tensors only; loads with ``weights_only=True``).
-- ``model.ts``: a TorchScript trace of the pruned model in eval mode, for deployment without
-  fleetprune.
+- ``model.ts``: a TorchScript trace of the pruned model in eval mode (batch norms folded when the
+  caller passes the folded copy), for deployment without fleetprune.
 - ``report.json``: what was asked, predicted and measured (keys listed in docs/internals.md).
 
 The folder is first written under a hidden temporary name in the same parent and then renamed, so
@@ -92,6 +92,7 @@ def write_variant(
     widths: Mapping[str, int],
     report: Mapping[str, Any],
     overwrite: bool = False,
+    deploy_model: nn.Module | None = None,
 ) -> Path:
     """Write one variant folder ``root/device_key`` atomically and return its path.
 
@@ -106,6 +107,8 @@ def write_variant(
         widths: kept channels per group.
         report: the report dict (JSON-serialisable).
         overwrite: replace an existing variant for this device; otherwise it is an error.
+        deploy_model: the module to trace into ``model.ts`` (e.g. the BN-folded copy that was
+            measured); defaults to ``model``.
 
     Raises:
         FleetpruneError: the variant exists and ``overwrite`` is false.
@@ -139,7 +142,7 @@ def write_variant(
         x = example_input(input_shape, 1, memory_format)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 marks jit.trace deprecated
-            traced = torch.jit.trace(model, x, check_trace=False)
+            traced = torch.jit.trace((deploy_model or model).cpu().eval(), x, check_trace=False)
         traced.save(str(tmp / TORCHSCRIPT_FILE))
         (tmp / REPORT_FILE).write_text(json.dumps(dict(report), indent=2) + "\n")
         old = None

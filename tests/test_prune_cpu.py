@@ -1,0 +1,83 @@
+"""Pruning for this CPU from a table profiled here: the variant runs, is measured, and meets the budget.
+
+Tables are timed with the profiler's quick protocol, so the measured figures are rough; the tests
+assert on the table's predictions (exact given the table) and that a measurement happened. The
+predicted-versus-measured accuracy is a benchmark figure, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fleetprune import load_variant
+from fleetprune.api import prune
+from fleetprune.cli import main
+from fleetprune.profiler import TimingProtocol, cpu_device
+
+from prune_tables import CPU_THREADS, cpu_tables
+
+
+def _check(result, budget_fraction: float, input_shape=(3, 32, 32)) -> None:
+    assert result.fixed_source == "end-to-end measurement of the dense model on this machine"
+    assert result.dense_measured_ms is not None and result.dense_measured_ms > 0
+    assert result.measured_ms is not None and result.measured_ms > 0
+    assert result.budget_ms == pytest.approx(budget_fraction * result.dense_ms)
+    assert result.predicted_ms <= result.budget_ms * (1 + 1e-9)
+    model = load_variant(result.folder)
+    with torch.no_grad():
+        y = model(torch.randn(2, *input_shape))
+    assert y.shape[0] == 2 and torch.isfinite(y).all()
+
+
+def test_prune_resnet20_for_this_cpu_through_the_cli(tmp_path, capsys):
+    root = cpu_tables(("resnet20",))
+    key = cpu_device(CPU_THREADS).key
+    rc = main(["prune", "resnet20", "--tables", root, "--device", key, "--budget", "0.7", "--steps", "3",
+               "--round-to", "8", "--quick", "--out", str(tmp_path / "v")])
+    assert rc == 0
+    report = json.loads((tmp_path / "v" / key / "report.json").read_text())
+    assert report["measured_ms"] > 0 and report["dense_measured_ms"] > 0
+    assert report["fixed_ms"] == pytest.approx(max(0.0, report["dense_measured_ms"] - report["dense_layer_sum_ms"]))
+    assert report["predicted_ms"] <= report["budget_ms"] + 1e-9
+    out = capsys.readouterr().out
+    assert key in out and f"{report['measured_ms']:.3f} ms" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.7, 0.5])
+def test_prune_resnet56_for_this_cpu(tmp_path, budget):
+    root = cpu_tables(("resnet56",))
+    [res] = prune("resnet56", tables=root, devices=cpu_device(CPU_THREADS).key, budget=budget, out=tmp_path / "v", steps=5,
+                  round_to=8, protocol=TimingProtocol.quick())
+    _check(res, budget)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, round_to", [("resnet18", 64), ("mobilenet_v2", 32)])
+def test_prune_imagenet_models_at_a_small_input_for_this_cpu(tmp_path, name, round_to):
+    from prune_tables import _CACHE, _tmpdir  # noqa: PLC2701 - build a table with few choices
+
+    from fleetprune.profiler import TorchTimingBackend, profile_configs, provenance
+    from fleetprune.tables import TableStore
+
+    key = ("cpu-small", name)
+    if key not in _CACHE:
+        root = _tmpdir("fp-cpu-small-")
+        from fleetprune import models
+        from fleetprune.pruner.plan import build_plan
+        from fleetprune.pruner.variant import example_input
+
+        plan = build_plan(models.create(name, num_classes=10), example_input((3, 32, 32), 1), round_to=round_to,
+                          max_choices=4)
+        device, protocol = cpu_device(CPU_THREADS), TimingProtocol.quick()
+        rows = list(profile_configs(plan.configs(), TorchTimingBackend(device, protocol)))
+        TableStore(root).write(device.key, rows, provenance(device, protocol))
+        _CACHE[key] = root
+    for budget in (0.7, 0.5):
+        [res] = prune(name, tables=_CACHE[key], devices="all", budget=budget, out=tmp_path / f"v{budget}", steps=3,
+                      num_classes=10, input_size=32, round_to=round_to, max_choices=4,
+                      protocol=TimingProtocol.quick())
+        _check(res, budget)
