@@ -66,7 +66,7 @@ def fake_tables(model: str = "resnet20", batch: int = 1) -> str:
     return _CACHE[key]
 
 
-def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, input_size: int | None = None) -> str:
+def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, round_to: int = 8) -> str:
     """A root with this CPU's table (one thread) for the models' configurations, quick protocol.
 
     One thread: on the shared 2-core test machines two OpenMP threads contend with other processes
@@ -74,10 +74,10 @@ def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, inp
     """
     from fleetprune.profiler import TimingProtocol, TorchTimingBackend, cpu_device, profile_configs, provenance
 
-    key = ("cpu", model_names, batch, input_size)
+    key = ("cpu", model_names, batch, round_to)
     if key not in _CACHE:
         root = _tmpdir("fp-cpu-tables-")
-        configs = list(dict.fromkeys(c for m in model_names for c in plan_configs(m, batch, input_size=input_size)))
+        configs = list(dict.fromkeys(c for m in model_names for c in plan_configs(m, batch, round_to)))
         device, protocol = cpu_device(CPU_THREADS), TimingProtocol.quick()
         rows = list(profile_configs(configs, TorchTimingBackend(device, protocol)))
         TableStore(root).write(device.key, rows, provenance(device, protocol))

@@ -84,3 +84,26 @@ def test_measure_model_on_cuda():
 
     m = measure_model(_tiny(), (8, 3, 32, 32), cuda_device(0), "fp16", "nhwc", QUICK)
     assert 0 < m.p10_ms <= m.median_ms <= m.p90_ms
+
+
+def test_fold_bn_removes_batchnorm_and_keeps_outputs():
+    """The network measured end to end is the deployed one: BN folded into its conv, same function."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from fleetprune.profiler.endtoend import _fold_bn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = net(x)
+    folded = _fold_bn(copy.deepcopy(net), "test")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)

@@ -33,10 +33,11 @@ def _check(result, budget_fraction: float, input_shape=(3, 32, 32)) -> None:
 
 
 def test_prune_resnet20_for_this_cpu_through_the_cli(tmp_path, capsys):
-    root = cpu_tables(("resnet20",))
+    # 46 configurations (stage 1 stays dense); batch 8 so that convs, not per-op overhead, dominate
+    root = cpu_tables(("resnet20",), batch=8, round_to=16)
     key = cpu_device(CPU_THREADS).key
-    rc = main(["prune", "resnet20", "--tables", root, "--device", key, "--budget", "0.7", "--steps", "3",
-               "--round-to", "8", "--quick", "--out", str(tmp_path / "v")])
+    rc = main(["prune", "resnet20", "--tables", root, "--device", key, "--budget", "0.8", "--steps", "2",
+               "--round-to", "16", "--quick", "--out", str(tmp_path / "v")])
     assert rc == 0
     report = json.loads((tmp_path / "v" / key / "report.json").read_text())
     assert report["measured_ms"] > 0 and report["dense_measured_ms"] > 0
@@ -49,9 +50,9 @@ def test_prune_resnet20_for_this_cpu_through_the_cli(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [0.7, 0.5])
 def test_prune_resnet56_for_this_cpu(tmp_path, budget):
-    root = cpu_tables(("resnet56",))
-    [res] = prune("resnet56", tables=root, devices=cpu_device(CPU_THREADS).key, budget=budget, out=tmp_path / "v", steps=5,
-                  round_to=8, protocol=TimingProtocol.quick())
+    root = cpu_tables(("resnet56",), batch=16)
+    [res] = prune("resnet56", tables=root, devices=cpu_device(CPU_THREADS).key, budget=budget,
+                  out=tmp_path / "v", steps=5, round_to=8, protocol=TimingProtocol.quick())
     _check(res, budget)
 
 

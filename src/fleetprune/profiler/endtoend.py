@@ -24,10 +24,11 @@ def measure_model(
     dtype: str = "fp32",
     memory_format: str = "nchw",
     protocol: TimingProtocol | None = None,
+    fold_bn: bool = True,
 ) -> Measurement:
     """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
 
-    Nothing is folded or fused: the model runs as given. The caller's model is not changed (a
+    Batch norm is folded as deployment does (``fold_bn``); nothing else is fused. The caller's model is not changed (a
     copy is moved to the device, dtype and memory format).
 
     Args:
@@ -35,6 +36,9 @@ def measure_model(
         dtype: ``fp32``, ``fp16`` or ``bf16`` (fp16 only on CUDA).
         memory_format: ``nchw`` or ``nhwc`` (channels_last, for 4-d inputs).
         protocol: defaults to ``TimingProtocol()``.
+        fold_bn: fold every conv/linear + BatchNorm pair into the conv first, as deployment engines
+            do and as the layer tables are measured; a model torch.fx cannot trace runs unfolded
+            (logged).
 
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
@@ -56,7 +60,10 @@ def measure_model(
     except Exception as exc:  # noqa: BLE001 - some scripted modules refuse deepcopy
         raise ProfileError(f"{what}: cannot copy the model to measure it: {exc}") from exc
     try:
-        net = net.eval().requires_grad_(False).to(device=dev, dtype=torch_dtype)
+        net = net.eval().requires_grad_(False)
+        if fold_bn:
+            net = _fold_bn(net, what)
+        net = net.to(device=dev, dtype=torch_dtype)
         x = torch.randn(*shape, device=dev, dtype=torch_dtype)
         if len(shape) == 4:
             fmt = MEMORY_FORMATS[memory_format]
@@ -69,3 +76,14 @@ def measure_model(
         raise ProfileError(f"{what}: does not fit the memory of {device.key}: {exc}") from exc
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         raise ProfileError(f"{what}: cannot run on {device.key} in {dtype}/{memory_format}: {exc}") from exc
+
+
+def _fold_bn(net: nn.Module, what: str) -> nn.Module:
+    """``net`` with BatchNorm folded into the preceding conv/linear (eval mode), or as-is."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(net, inplace=True)
+    except Exception as exc:  # noqa: BLE001 - tracing can fail in many ways; timing unfolded is still valid
+        log.warning("%s: cannot fold batch norm (%s); measuring it unfolded", what, exc)
+        return net
