@@ -26,12 +26,13 @@ def _tmpdir(prefix: str) -> str:
 
 
 def plan_configs(model: str, batch: int = 1, round_to: int = 8, input_size: int | None = None,
-                 dtype: str = "fp32", memory_format: str = "nchw") -> list[LayerConfig]:
+                 max_choices: int = 32) -> list[LayerConfig]:
+    """Every configuration the plan of ``model`` (10 classes) can reach."""
     shape = models.input_shape(model)
     if input_size:
         shape = (shape[0], input_size, input_size)
     net = models.create(model, num_classes=10)
-    plan = build_plan(net, example_input(shape, batch), round_to=round_to, dtype=dtype, memory_format=memory_format)
+    plan = build_plan(net, example_input(shape, batch), round_to=round_to, max_choices=max_choices)
     return plan.configs()
 
 
@@ -66,7 +67,8 @@ def fake_tables(model: str = "resnet20", batch: int = 1) -> str:
     return _CACHE[key]
 
 
-def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, round_to: int = 8) -> str:
+def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, round_to: int = 8,
+               input_size: int | None = None, max_choices: int = 32) -> str:
     """A root with this CPU's table (one thread) for the models' configurations, quick protocol.
 
     One thread: on the shared 2-core test machines two OpenMP threads contend with other processes
@@ -74,10 +76,11 @@ def cpu_tables(model_names: tuple[str, ...] = ("resnet20",), batch: int = 1, rou
     """
     from fleetprune.profiler import TimingProtocol, TorchTimingBackend, cpu_device, profile_configs, provenance
 
-    key = ("cpu", model_names, batch, round_to)
+    key = ("cpu", model_names, batch, round_to, input_size, max_choices)
     if key not in _CACHE:
         root = _tmpdir("fp-cpu-tables-")
-        configs = list(dict.fromkeys(c for m in model_names for c in plan_configs(m, batch, round_to)))
+        configs = list(dict.fromkeys(c for m in model_names
+                                     for c in plan_configs(m, batch, round_to, input_size, max_choices)))
         device, protocol = cpu_device(CPU_THREADS), TimingProtocol.quick()
         rows = list(profile_configs(configs, TorchTimingBackend(device, protocol)))
         TableStore(root).write(device.key, rows, provenance(device, protocol))

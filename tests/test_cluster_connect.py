@@ -68,17 +68,18 @@ def test_auto_without_a_cluster_says_so(monkeypatch):
             pass
 
 
-def test_none_means_no_ray_at_all():
+def test_none_means_no_ray_at_all(tmp_path):
     """`--ray-address none` works where Ray is not installed: the in-process path never imports it."""
     code = textwrap.dedent(
-        """
+        f"""
         import sys
         from fleetprune.cli import main
         from fleetprune.cluster.connect import connect
         with connect("none") as conn:
             assert not conn.uses_ray
-        rc = main(["fleet", "--ray-address", "none"])
-        assert rc == 0, rc
+        assert main(["fleet", "--ray-address", "none"]) == 0
+        assert main(["profile", "resnet20", "--ray-address", "none", "--backend", "fake",
+                     "--tables", {str(tmp_path)!r}]) == 0
         assert "ray" not in sys.modules, sorted(m for m in sys.modules if m.startswith("ray"))
         print("NO-RAY-OK")
         """
@@ -87,3 +88,4 @@ def test_none_means_no_ray_at_all():
     assert out.returncode == 0, out.stderr
     assert "NO-RAY-OK" in out.stdout
     assert "this machine (no Ray)" in out.stdout and "CPU" in out.stdout
+    assert list(tmp_path.glob("device_key=fake-cpu-*/part-*.parquet"))

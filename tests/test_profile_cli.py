@@ -64,6 +64,7 @@ def raw_keys(root: Path) -> list[str]:
     return [k for f in part_files(root) for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
 
 
+@pytest.mark.ray
 def test_the_embedded_default_profiles_this_cpu_and_shuts_ray_down(tmp_path):
     """No --ray-address: Ray starts on this machine, measures its CPU, stops; a rerun measures nothing."""
     root = tmp_path / "tables"
@@ -92,7 +93,7 @@ def test_the_embedded_default_profiles_this_cpu_and_shuts_ray_down(tmp_path):
 
 def _kill_midway_and_resume(tmp_path: Path, extra: list[str]) -> None:
     root = tmp_path / "tables"
-    args = cli("profile", "resnet20", "--backend", "fake:0.25", "--chunk-size", "2", "--threads", "1",
+    args = cli("profile", "resnet20", "--backend", "fake:0.1", "--chunk-size", "2", "--threads", "1",
                "--tables", str(root), *extra)
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -124,11 +125,13 @@ def test_a_run_killed_midway_resumes_without_losing_anything(tmp_path):
     _kill_midway_and_resume(tmp_path, ["--ray-address", "none"])
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_an_embedded_ray_run_killed_midway_resumes_without_losing_anything(tmp_path):
     _kill_midway_and_resume(tmp_path, [])
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_cluster_without_a_usable_device_is_a_clear_error(tmp_path):
     """Embedded Ray on this machine, but more threads asked than it has CPUs."""

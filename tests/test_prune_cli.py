@@ -159,3 +159,23 @@ def test_no_table_root(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fleetprune profile" in err
     assert TableStore(str(tmp_path / "nothing")).exists() is False
+
+
+def test_a_validate_correction_for_this_model_sets_the_fixed_part(tmp_path):
+    from fleetprune.api import prune
+
+    root = str(tmp_path / "t")
+    write_table(root, "fake-corr", plan_configs(MODEL), compute_bound_ms)
+    store = TableStore(root)
+    [plain] = prune(MODEL, tables=root, devices="fake-corr", budget="0.7", out=tmp_path / "v0", steps=1, round_to=8)
+    assert plain.fixed_ms == 0.0 and plain.fixed_source == "table rows only"
+    store.set_correction("fake-corr", {"a": 1.5, "b": 0.4, "model": MODEL, "input_shape": [3, 32, 32], "batch": 1,
+                                       "dtype": "fp32", "memory_format": "nchw"})
+    [res] = prune(MODEL, tables=root, devices="fake-corr", budget="0.7", out=tmp_path / "v1", steps=1, round_to=8)
+    assert res.fixed_ms == pytest.approx(0.4) and res.fixed_source.startswith("fitted correction")
+    assert res.dense_ms == pytest.approx(1.5 * plain.dense_ms + 0.4)
+    assert res.report["correction"] == [1.5, 0.4]
+    # a correction fitted for another model is ignored
+    store.set_correction("fake-corr", {"a": 1.5, "b": 0.4, "model": "resnet56"})
+    [res] = prune(MODEL, tables=root, devices="fake-corr", budget="0.7", out=tmp_path / "v2", steps=1, round_to=8)
+    assert res.fixed_source == "table rows only" and res.dense_ms == pytest.approx(plain.dense_ms)

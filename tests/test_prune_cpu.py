@@ -57,28 +57,22 @@ def test_prune_resnet56_for_this_cpu(tmp_path, budget):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, round_to", [("resnet18", 64), ("mobilenet_v2", 32)])
-def test_prune_imagenet_models_at_a_small_input_for_this_cpu(tmp_path, name, round_to):
-    from prune_tables import _CACHE, _tmpdir  # noqa: PLC2701 - build a table with few choices
+@pytest.mark.parametrize("name, round_to, size", [("resnet18", 32, 32), ("mobilenet_v2", 16, 64)])
+def test_prune_imagenet_models_at_a_small_input_for_this_cpu(tmp_path, name, round_to, size):
+    """Budgets relative to the table's dense latency (``measure=False``, as for a remote device).
 
-    from fleetprune.profiler import TorchTimingBackend, profile_configs, provenance
-    from fleetprune.tables import TableStore
-
-    key = ("cpu-small", name)
-    if key not in _CACHE:
-        root = _tmpdir("fp-cpu-small-")
-        from fleetprune import models
-        from fleetprune.pruner.plan import build_plan
-        from fleetprune.pruner.variant import example_input
-
-        plan = build_plan(models.create(name, num_classes=10), example_input((3, 32, 32), 1), round_to=round_to,
-                          max_choices=4)
-        device, protocol = cpu_device(CPU_THREADS), TimingProtocol.quick()
-        rows = list(profile_configs(plan.configs(), TorchTimingBackend(device, protocol)))
-        TableStore(root).write(device.key, rows, provenance(device, protocol))
-        _CACHE[key] = root
+    Measured here, a small-input MobileNet-V2 spends about 40% of its time outside the priced layers,
+    so 0.5 of the *measured* dense latency is out of reach and the verb says so (BudgetError); the
+    table-only budget still exercises the whole prune and export path for these architectures.
+    """
+    # batch 8 and at most 4 widths per group keep the table to about 150 configurations
+    root = cpu_tables((name,), batch=8, round_to=round_to, input_size=size, max_choices=4)
     for budget in (0.7, 0.5):
-        [res] = prune(name, tables=_CACHE[key], devices="all", budget=budget, out=tmp_path / f"v{budget}", steps=3,
-                      num_classes=10, input_size=32, round_to=round_to, max_choices=4,
-                      protocol=TimingProtocol.quick())
-        _check(res, budget)
+        [res] = prune(name, tables=root, devices="all", budget=budget, out=tmp_path / f"v{budget}", steps=3,
+                      num_classes=10, input_size=size, round_to=round_to, max_choices=4, measure=False)
+        assert res.fixed_source == "table rows only" and res.measured_ms is None
+        assert res.budget_ms == pytest.approx(budget * res.dense_ms)
+        assert res.predicted_ms <= res.budget_ms * (1 + 1e-9)
+        model = load_variant(res.folder)
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 10)

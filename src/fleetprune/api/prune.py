@@ -8,18 +8,22 @@ folder. Everything that can be checked without pruning is checked for every devi
 table or budget fails in seconds and before anything is written.
 
 End-to-end measurements run the network as deployed and as the table prices its layers: eval
-mode with every batch norm folded into its conv (``export.fold_batchnorm``); ``model.ts`` is that
-folded network too.
+mode with every batch norm folded into its conv (``measure_model(fold_bn=True)``); ``model.ts`` is
+the same folded network (``export.fold_batchnorm``).
 
 The fixed part (what the per-layer rows do not cover: pooling, residual adds, the classifier's
 flatten, framework overhead) comes from, in this order:
 
-1. on this machine: an end-to-end measurement of the dense (folded) model, ``fixed = measured -
-   layer sum`` (clamped at 0); the dense latency is then the measured one;
-2. elsewhere, when ``fleetprune validate`` stored a correction ``measured ~ a * layer_sum + b`` for
-   this model, batch, dtype and memory format: every row is scaled by ``a`` and ``fixed = b``;
+1. when ``fleetprune validate`` stored a correction ``measured ~ a * layer_sum + b`` for this model,
+   input, batch, dtype and memory format (fitted over many networks, so it also carries the slope):
+   every row is scaled by ``a`` and ``fixed = max(0, b)``;
+2. else, on this machine: an end-to-end measurement of the dense (folded) model, ``fixed =
+   measured - layer sum`` (clamped at 0); the dense latency is then the measured one;
 3. otherwise 0: the table rows only, as HALP counts latency. Relative budgets stay meaningful (a
    fraction of the modeled dense latency); the report says which source was used.
+
+On this machine the dense model and the variant are measured in any case, with the table's own
+timing protocol unless one is given.
 """
 
 from __future__ import annotations
@@ -198,18 +202,34 @@ def _local_device(table: LatencyTable) -> Any:
     return None
 
 
-def _correction(table: LatencyTable, model_name: str, setting: _Setting) -> tuple[float, float] | None:
-    """The table's validate correction, if it was fitted for this model and setting."""
+def _correction(table: LatencyTable, model_name: str, setting: _Setting,
+                shape: tuple[int, ...]) -> tuple[float, float] | None:
+    """The table's validate correction, if it was fitted for this model, input and setting."""
     corr = table.correction
     raw = table.provenance.get("correction")
-    if corr is None:
+    if corr is None or corr[0] <= 0:
         return None
     if isinstance(raw, Mapping):
-        for key, want in (("model", model_name), ("batch", setting.batch), ("dtype", setting.dtype),
-                          ("memory_format", setting.memory_format)):
-            if key in raw and raw[key] is not None and raw[key] != want:
+        wanted = {"model": model_name, "batch": setting.batch, "dtype": setting.dtype,
+                  "memory_format": setting.memory_format, "input_shape": list(shape)}
+        for key, want in wanted.items():
+            have = raw.get(key)
+            if have is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
                 return None
     return corr
+
+
+def _table_protocol(table: LatencyTable) -> Any:
+    """The timing protocol the table was profiled with (end-to-end checks use the same), or None."""
+    from fleetprune.profiler import TimingProtocol
+
+    raw = table.provenance.get("timing_protocol")
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return TimingProtocol(**{k: v for k, v in raw.items() if k in TimingProtocol.__dataclass_fields__})
+    except (TypeError, ValueError):
+        return None
 
 
 def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, root: str,
@@ -278,7 +298,7 @@ def prune(
             fine-tune hook ``hook(model, step)`` (a hook keeps optimizer and schedule state, so
             devices must not share one). None: no fine-tuning between steps.
         measure: measure the dense model and the variant end to end when the device is this machine.
-        protocol: the profiler's ``TimingProtocol`` for those measurements (default protocol if None).
+        protocol: the profiler's ``TimingProtocol`` for those measurements (None: the table's).
         importance_kwargs: options of the channel importance (``fold_bn``, ``coupled_reduce``, ...).
         on_device_done: called with each device's result as soon as its variant is written.
         model_factory, input_shape: prune a network that is not in the model registry (Python
@@ -430,8 +450,8 @@ def _prune_one(
                                finetune=finetune, importance_kwargs=importance_kwargs)
     model.eval()
     remove_channels(model, plan, result.keep_indices(), example_input(shape, 1, "nchw"))
-    deploy, folded = fold_batchnorm(model)
-    measured = _measure(deploy, full_shape, job, protocol) if job.local is not None else None
+    deploy, folded = fold_batchnorm(model)  # for model.ts; measure_model folds its own copy the same way
+    measured = _measure(model, full_shape, job, protocol) if job.local is not None else None
     widths = module_widths(model, plan)
     report = {
         "device_key": job.device_key,
@@ -474,28 +494,34 @@ def _prune_one(
 
 def _settle_latency(job: _Job, plan: Plan, model_name: str, dense: nn.Module, shape: tuple[int, ...],
                     protocol: Any) -> None:
-    """Give ``job`` its latency model: fixed part measured here, from a correction, or 0."""
+    """Give ``job`` its latency model and measure the dense model when the device is this machine.
+
+    Fixed part: a validate correction for this model and setting (fitted over many networks) wins;
+    else the dense end-to-end measurement here; else 0 (table rows only).
+    """
     lm = LatencyModel(plan, job.table, 0.0, FIXED_TABLE_ONLY)
     if job.local is not None:
-        job.dense_measured_ms = _measure(fold_batchnorm(dense)[0], (job.setting.batch, *shape), job, protocol)
+        job.dense_measured_ms = _measure(dense, (job.setting.batch, *shape), job, protocol)
+    job.correction = _correction(job.table, model_name, job.setting, shape)
+    if job.correction is not None:
+        a, b = job.correction
+        lm = LatencyModel(plan, _ScaledTable(job.table, a), max(0.0, b), f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
+    elif job.dense_measured_ms is not None:
         layers = lm.layer_sum()
         lm = lm.with_measured_dense(job.dense_measured_ms, FIXED_MEASURED)
         if job.dense_measured_ms < layers:
             log.warning("%s: dense measured %.4g ms is below the layer sum %.4g ms; fixed part set to 0",
                         job.device_key, job.dense_measured_ms, layers)
-    else:
-        job.correction = _correction(job.table, model_name, job.setting)
-        if job.correction is not None:
-            a, b = job.correction
-            lm = LatencyModel(plan, _ScaledTable(job.table, a), max(0.0, b),
-                              f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
     job.lm = lm
 
 
 def _measure(model: nn.Module, full_shape: tuple[int, ...], job: _Job, protocol: Any) -> float:
     from fleetprune.profiler import measure_model
 
-    m = measure_model(model, full_shape, job.local, job.setting.dtype, job.setting.memory_format, protocol)
+    # measure_model folds batch norms into the convs (fold_bn=True), as the table prices them
+    protocol = protocol if protocol is not None else _table_protocol(job.table)
+    m = measure_model(model, full_shape, job.local, job.setting.dtype, job.setting.memory_format, protocol,
+                      fold_bn=True)
     return float(m.median_ms)
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +68,10 @@ def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    shape = models.input_shape(args.model)  # an unknown name fails here, before decoding
+    if tuple(shape) != (3, 32, 32):
+        log.warning("%s expects %s inputs; training it on 32x32 CIFAR-10 images", args.model,
+                    tuple(shape))
     data = load_cifar10(args.data, cache_dir=args.cache, train=args.subset,
                         test=args.test_subset, seed=args.seed)
     torch.manual_seed(args.seed)

@@ -168,11 +168,7 @@ def select_types(fleet: Fleet, devices: str | Sequence[str] | None, *, extra_key
 
 def _no_device_message(fleet: Fleet) -> str:
     where = f"the Ray cluster at {fleet.address}" if fleet.address else "this machine"
-    lines = [f"{where} has no usable device to profile"]
+    text = f"{where} has no usable device to profile"
     if fleet.unusable:
-        reasons = "; ".join(f"node {n.short_id} ({n.address}): {why}" for n, why in fleet.unusable)
-        lines.append(f"({reasons})")
-    lines.append(
-        "; add a node with GPUs or free CPUs, lower --threads, or profile this machine with --ray-address none"
-    )
-    return " ".join(lines)
+        text += " (" + "; ".join(f"node {n.short_id} ({n.address}): {why}" for n, why in fleet.unusable) + ")"
+    return text + "; add a node with GPUs or free CPUs, lower --threads, or profile this machine with --ray-address none"

@@ -237,6 +237,7 @@ class _FleetRun:
         self.ready_types.add(live.type_name)
         self.first_ready = self.first_ready or time.perf_counter()
         live.provenance = info["provenance"]
+        self.drop_unserved(live.type_name, device.key)
         workers = sum(1 for l in self.lives if l.type_name == live.type_name)
         live.ledger = self.open_ledger(device.key, live.spawned.device_type, device.kind, device.name, workers)
         if live.ledger.provenance is None:
@@ -246,6 +247,14 @@ class _FleetRun:
         log.debug("actor pid %s on node %s measures %s", live.record.pid, live.record.node_id[:8], device.key)
         self.type_ready_at.setdefault(live.type_name, time.perf_counter())
         live.state = "waiting"
+
+    def drop_unserved(self, type_name: str, key: str) -> None:
+        """Forget a ledger opened under a probed key that the type's actors do not measure as."""
+        for other, ledger in list(self.ledgers.items()):
+            served = any(l.ledger is ledger for l in self.lives)
+            if ledger.run.device_type == type_name and other != key and not served and ledger.in_flight == 0:
+                log.warning("%s: its actors measure as %s, not %s as probed; using %s", type_name, key, other, key)
+                del self.ledgers[other]
 
     def open_barriers(self) -> None:
         """Start the ready actors of every type whose actors are all up (or whose start grace is over).
@@ -313,7 +322,10 @@ class _FleetRun:
         live.state = "dead"
         live.record.state = "failed to start" if starting else "died"
         live.record.error = reason
-        ray.kill(live.spawned.handle, no_restart=True)
+        try:
+            ray.kill(live.spawned.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
         name = live.type_name
         if any(l.type_name == name and l.state != "dead" for l in self.lives):
             return

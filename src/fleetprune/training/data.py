@@ -12,7 +12,7 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -381,9 +381,9 @@ def _load_cached(path: Path, cache_dir: Path) -> ImageData:
         for s, sp in data.splits.items():
             arrays[f"{s}_images"] = sp.images.numpy()
             arrays[f"{s}_labels"] = sp.labels.numpy()
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz.tmp", dir=cache_dir)
+        tmp = cache_dir / f".{cache.name}.{uuid.uuid4().hex}.tmp"
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open(tmp, "xb") as fh:
                 np.savez(fh, **arrays)
             os.replace(tmp, cache)  # atomic: a reader sees the whole cache or none
         finally:

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -361,9 +361,10 @@ def _load_state(path, model: nn.Module, optimizer: torch.optim.Optimizer, config
 
 def _atomic_save(obj, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique dot-name opened with "xb" (not mkstemp) so the file gets the umask's permissions.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
