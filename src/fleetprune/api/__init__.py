@@ -1,5 +1,8 @@
 """fleetprune.api: the verbs of the ``fleetprune`` command as Python functions."""
 
+from fleetprune.api.profile import fleet, profile
 from fleetprune.api.prune import DeviceResult, load_variant, prune
+from fleetprune.api.validate import ValidationSummary, validate
+from fleetprune.report import write_report as report
 
-__all__ = ["DeviceResult", "load_variant", "prune"]
+__all__ = ["DeviceResult", "ValidationSummary", "fleet", "load_variant", "profile", "prune", "report", "validate"]

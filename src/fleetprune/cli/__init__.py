@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a :class:`FleetpruneError` prints its message and exits non-zero."""
+    # torch.utils.benchmark imports cpp_extension, which warns on every start of a machine that has a
+    # CUDA toolkit but no CUDA runtime; it says nothing about fleetprune's work.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
