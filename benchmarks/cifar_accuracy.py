@@ -19,14 +19,24 @@ Choices made here (printed in the header of every run):
   (not the fp32 default 16): at 16 every 16-wide group (the stem and all of stage 1, a third of
   a CIFAR ResNet's MACs) has a single choice, which leaves 25% of dense out of reach; 8 also
   matches the 8 fp32 lanes of AVX2. Every method prunes from this one table.
-* Budget: the dense model is measured once here (BN folded, the table's protocol); each budget is
-  passed to ``prune`` as the same number of ms for every method. (``prune`` measures the dense
-  model again for its fixed part, so predicted latencies carry that measurement's 1-3% noise.)
+* Budget and latency model: the dense model is measured once here (BN folded, the table's
+  protocol); fixed part = measured - table rows. Every method gets the same budget in ms and the
+  same latency model: ``prune(measure=False)`` prunes on the table rows to ``budget - fixed``, so
+  its per-call re-measurement of the dense model (whose noise would move each method's fixed part
+  and floor) is not used; this script measures each variant end to end itself, as ``prune`` would.
 * Fine-tuning: ``--finetune-epochs`` E per variant, identical for every method. A share
   ``1 - --final-share`` of it is spread over the K steps (constant LR ``--finetune-lr``, one
   optimizer kept across steps, masks enforced), the rest is a final fine-tune of the physically
   pruned network after the last step (cosine from ``--finetune-lr`` to 0). Same seed, same data
   order for every method.
+* The latency floor: at batch 1 PyTorch runs every CIFAR ResNet conv through its THNN path
+  (im2col + sgemm; oneDNN only when N*C*H*W > 20480 or N > 1), whose per-layer cost barely shrinks
+  with channels. On the dev CPU (AMD EPYC, AVX2, 1 thread) every group at 8 channels still costs
+  ~0.74 of dense for ResNet-20 and ~0.46 for ResNet-56, so 50%/25% budgets can be out of reach at
+  batch 1. The run checks the floor right after profiling, before any training, and stops if a
+  budget is out of reach (``--keep-going`` runs anyway, ``--floor-only`` only checks). ``--batch``,
+  ``--memory-format`` and ``--round-to`` change the setting of the whole comparison (table, budgets,
+  measurements); e.g. the ResNet-20 floor at batch 16 is ~0.31 (measured on a busy machine).
 * Parameters count every parameter of the pruned network (BN included); MACs are counted with
   forward hooks on Conv2d/Linear at batch 1 (BN, adds, pooling not counted).
 
@@ -46,6 +56,7 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _ALLOC_ENV.
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC_ENV})
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -71,8 +82,8 @@ PRESETS = {
 # Seconds per training iteration (batch 128, forward + backward) on 2 quiet threads of the dev
 # machine (DESIGN.md: ResNet-20 1.7 min/epoch, ResNet-56 4.1 min/epoch of 390 iterations).
 SEC_PER_ITER_2T = {"resnet20": 0.26, "resnet32": 0.40, "resnet56": 0.63}
-SEC_PER_CONFIG = 0.5  # profiling one layer configuration with the default protocol (measured: see report)
-SEC_PER_PRUNE_CALL = 6.0  # plan, dense + variant end-to-end measurements, solver, export
+SEC_PER_CONFIG = 0.5  # profiling one layer configuration, default protocol (0.5 s observed on a busy 1-thread run)
+SEC_PER_PRUNE_CALL = 3.0  # plan, solver, channel removal, export, variant measurement (observed 2-3 s, ResNet-20)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -91,7 +102,10 @@ def _git_commit() -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
 
 
@@ -146,7 +160,7 @@ def estimate(opts: dict, threads: int, n_configs: int, train_n: int, test_n: int
         "data": 15.0,
         "profile": table_missing * SEC_PER_CONFIG,
         "dense_train": 0.0 if dense_cached else opts["dense_epochs"] * per_epoch * it,
-        "dense_latency": 3.0,
+        "floor_and_dense_latency": 8.0,
         "variants_finetune": ft,
         "variants_prune_measure": n_variants * SEC_PER_PRUNE_CALL,
         "evaluation": evals,
@@ -182,6 +196,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", type=int, help="test images (seeded sample; default all 10000)")
     p.add_argument("--threads", type=int, help="torch threads for training and timing (default: usable CPUs)")
     p.add_argument("--round-to", type=int, default=8, help="channel alignment of width choices (default 8)")
+    p.add_argument("--memory-format", choices=["nhwc", "nchw"], default="nhwc",
+                   help="memory format of the table and of every latency (default nhwc)")
+    p.add_argument("--floor-only", action="store_true",
+                   help="profile the table, measure the dense and the narrowest network (every group at its "
+                        "smallest width) end to end, print the reachable fraction and stop (no data, no training)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="run even if a budget is below the latency floor (those variants are reported as failed)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="batch of the table and of every latency (default 1; see the docstring on the floor)")
     p.add_argument("--timing", choices=["default", "quick"], default="default",
                    help="timing protocol of the table and measurements; quick is for smoke runs only and uses "
                         "its own table root")
@@ -210,12 +233,15 @@ def main(argv=None) -> int:
     from fleetprune.api import prune
     from fleetprune.api.profile import plan_configs, profile
     from fleetprune.errors import FleetpruneError
+    from fleetprune.cluster.local import usable_cpus
     from fleetprune.profiler import TimingProtocol, cpu_device, measure_model, tune_allocator
+    from fleetprune.pruner.export import shrink_to_widths
+    from fleetprune.pruner.latency import LatencyModel
+    from fleetprune.pruner.plan import build_plan
+    from fleetprune.pruner.variant import example_input
     from fleetprune.tables import TableStore
     from fleetprune.training import (TrainConfig, default_cifar_path, load_cifar10, make_finetune_hook, measure,
                                      save_weights, train)
-
-    from fleetprune.cluster.local import usable_cpus
 
     threads = args.threads or usable_cpus()
     torch.set_num_threads(threads)
@@ -226,8 +252,8 @@ def main(argv=None) -> int:
     if bad or not methods or not budgets or any(not 0 < b <= 1 for b in budgets):
         print(f"error: --methods must name {', '.join(METHODS)} and --budgets fractions in (0, 1]", file=sys.stderr)
         return 2
-    if not 0 <= args.final_share <= 1:
-        print("error: --final-share must be in [0, 1]", file=sys.stderr)
+    if not 0 <= args.final_share <= 1 or args.steps < 1 or args.batch < 1:
+        print("error: --final-share must be in [0, 1], --steps and --batch at least 1", file=sys.stderr)
         return 2
 
     cache = Path(args.cache).resolve()
@@ -236,7 +262,24 @@ def main(argv=None) -> int:
     protocol = TimingProtocol() if args.timing == "default" else TimingProtocol.quick()
     tables_root = cache / ("tables" if args.timing == "default" else "tables-quick-timing")
     shape = tuple(models.input_shape(args.model))
-    configs = plan_configs(args.model, batch=1, dtype="fp32", memory_format="nhwc", round_to=args.round_to)
+
+    def floor(dense_model, table) -> tuple[float, float, float, float, dict]:
+        """Dense measured, table layer sum, narrowest predicted (fixed part added) and measured, widths."""
+        dense_ms = float(measure_model(dense_model, (args.batch, *shape), device, "fp32", args.memory_format, protocol,
+                                       fold_bn=True).median_ms)
+        x = example_input(shape, args.batch, "nchw")
+        plan = build_plan(dense_model, x, round_to=args.round_to, dtype="fp32", memory_format=args.memory_format)
+        lm = LatencyModel(plan, table)
+        widths = lm.min_widths()
+        narrow = shrink_to_widths(copy.deepcopy(dense_model), plan, widths, x)
+        narrow_ms = float(measure_model(narrow, (args.batch, *shape), device, "fp32", args.memory_format, protocol,
+                                        fold_bn=True).median_ms)
+        layer_sum = lm.layer_sum()
+        fixed = max(0.0, dense_ms - layer_sum)
+        return dense_ms, layer_sum, lm.layer_sum(widths) + fixed, narrow_ms, widths
+
+    configs = plan_configs(args.model, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
+                           round_to=args.round_to)
     store = TableStore(str(tables_root))
     table_missing = len({c.key for c in configs} - store.measured_keys(device.key))
     train_n = min(args.subset or 50000, 50000)
@@ -261,7 +304,8 @@ def main(argv=None) -> int:
     print(f"date      {datetime.now(timezone.utc).isoformat(timespec='seconds')}   git {_git_commit()}")
     print(f"options   {json.dumps(opts, sort_keys=True)}")
     print(f"data      {data_path}: {train_n} train / {test_n} test images (seed {args.seed})")
-    print(f"table     {tables_root} device {device.key}: batch 1 fp32 nhwc round_to {args.round_to} "
+    print(f"table     {tables_root} device {device.key}: batch {args.batch} fp32 {args.memory_format} "
+          f"round_to {args.round_to} "
           f"({len(configs)} configurations, {table_missing} to profile), protocol {args.timing} "
           f"{json.dumps(protocol.to_dict())}")
     print(f"dense     {dense_path.name}{' (cached)' if dense_path.is_file() else ''}: {args.dense_epochs} epochs, "
@@ -277,20 +321,11 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
 
-    # -- data
-    t = time.perf_counter()
-    full = load_cifar10(data_path, cache_dir=cache / "data")
-    data = full.subset(train=args.subset, test=args.test, seed=args.seed)
-    del full
-    phases["data"] = time.perf_counter() - t
-    print(f"[data] {len(data.split('train'))} train / {len(data.split('test'))} test images, "
-          f"{phases['data']:.1f} s", flush=True)
-
     # -- table (the profile verb, no Ray; rows already there are not measured again)
     t = time.perf_counter()
-    summary = profile(args.model, batch=1, dtype="fp32", memory_format="nhwc", round_to=args.round_to,
-                      tables=str(tables_root), devices=device.key, ray_address="none", threads=threads,
-                      protocol=protocol)
+    summary = profile(args.model, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
+                      round_to=args.round_to, tables=str(tables_root), devices=device.key, ray_address="none",
+                      threads=threads, protocol=protocol)
     phases["profile"] = time.perf_counter() - t
     print(f"[profile] {summary.measured} measured ({table_missing} were missing), {summary.failed} failed, "
           f"{phases['profile']:.1f} s", flush=True)
@@ -300,7 +335,37 @@ def main(argv=None) -> int:
     table = store.read(device.key)
     noisy = int(table.frame["noisy"].sum()) if "noisy" in table.frame else 0
     if noisy:
-        print(f"[profile] note: {noisy} table rows are flagged noisy (spread > {protocol.noise_limit:.0%})")
+        print(f"[profile] note: {noisy} of {len(table)} table rows are flagged noisy "
+              f"(spread > {protocol.noise_limit:.0%} after a re-measure): was the machine quiet?")
+
+    # -- the latency floor, before any training: a budget below it fails for every method
+    t = time.perf_counter()
+    d_ms, rows_ms, n_pred, n_ms, _ = floor(models.create(args.model), table)
+    phases["floor"] = time.perf_counter() - t
+    print(f"[floor] dense measured {d_ms:.4f} ms (table rows {rows_ms:.4f} ms); narrowest network (every group at "
+          f"its smallest width) predicted {n_pred:.4f} ms = {n_pred / d_ms:.3f} of dense, measured {n_ms:.4f} ms = "
+          f"{n_ms / d_ms:.3f}", flush=True)
+    out_of_reach = [b for b in budgets if b * d_ms < n_pred]
+    for b in budgets:
+        print(f"[floor] budget {b:g}: {'OUT OF REACH' if b in out_of_reach else 'reachable'} "
+              f"({b * d_ms:.4f} ms vs predicted floor {n_pred:.4f} ms)")
+    if args.floor_only:
+        return 0
+    if out_of_reach and not args.keep_going:
+        print(f"error: budget(s) {', '.join(f'{b:g}' for b in out_of_reach)} are below the narrowest reachable "
+              f"latency ({n_pred / d_ms:.3f} of dense) of {args.model} at batch {args.batch} {args.memory_format} "
+              f"round_to {args.round_to} on this CPU; choose other --budgets/--batch/--memory-format/--round-to, or "
+              "pass --keep-going to report them as failed", file=sys.stderr)
+        return 2
+
+    # -- data
+    t = time.perf_counter()
+    full = load_cifar10(data_path, cache_dir=cache / "data")
+    data = full.subset(train=args.subset, test=args.test, seed=args.seed)
+    del full
+    phases["data"] = time.perf_counter() - t
+    print(f"[data] {len(data.split('train'))} train / {len(data.split('test'))} test images, "
+          f"{phases['data']:.1f} s", flush=True)
 
     # -- dense model
     t = time.perf_counter()
@@ -328,24 +393,21 @@ def main(argv=None) -> int:
 
     # -- dense latency, measured once: every method gets the same budget in ms
     t = time.perf_counter()
-    dense_ms = float(measure_model(dense, (1, *shape), device, "fp32", "nhwc", protocol, fold_bn=True).median_ms)
-    from fleetprune.pruner.latency import LatencyModel
-    from fleetprune.pruner.plan import build_plan
-    from fleetprune.pruner.variant import example_input
-
-    plan = build_plan(dense, example_input(shape, 1, "nchw"), round_to=args.round_to, dtype="fp32",
-                      memory_format="nhwc")
-    lm = LatencyModel(plan, table)
-    layer_sum, min_ms = lm.layer_sum(), lm.min_latency()
+    dense_ms, layer_sum, floor_pred, floor_ms, _ = floor(dense, table)
     phases["dense_latency"] = time.perf_counter() - t
     fixed = max(0.0, dense_ms - layer_sum)
     print(f"[dense] top-1 {dense_top1:.2%}, measured {dense_ms:.4f} ms (table rows {layer_sum:.4f} ms + fixed "
-          f"{fixed:.4f} ms), narrowest reachable {min_ms + fixed:.4f} ms ({(min_ms + fixed) / dense_ms:.3f} of dense)",
-          flush=True)
+          f"{fixed:.4f} ms); narrowest network predicted {floor_pred:.4f} ms ({floor_pred / dense_ms:.3f} of dense), "
+          f"measured {floor_ms:.4f} ms ({floor_ms / dense_ms:.3f})", flush=True)
+    for b in budgets:
+        if b * dense_ms < floor_pred:
+            print(f"[dense] warning: budget {b:g} ({b * dense_ms:.4f} ms) is below the narrowest reachable latency "
+                  f"{floor_pred:.4f} ms: every method will fail it (see the docstring: the latency floor)",
+                  flush=True)
 
     # -- variants
     rows: list[dict] = []
-    variants_root = cache / "variants" / f"{tag}-K{args.steps}-ft{args.finetune_epochs:g}"
+    variants_root = cache / "variants" / f"{tag}-b{args.batch}-K{args.steps}-ft{args.finetune_epochs:g}"
     phases["variants_prune"] = phases["variants_finetune_final"] = 0.0
     for budget in budgets:
         budget_ms = budget * dense_ms
@@ -360,10 +422,16 @@ def main(argv=None) -> int:
                                           min_lr=args.finetune_lr, seed=args.seed, threads=threads)
 
             try:
-                [res] = prune(args.model, tables=str(tables_root), devices=device.key, budget=f"{budget_ms:.6f}ms",
+                if budget_ms <= fixed:
+                    raise FleetpruneError(f"budget {budget_ms:.4g} ms is below the fixed part {fixed:.4g} ms")
+                # Rows only (measure=False): the budget handed over is the layers' share of it, with the
+                # one fixed part measured above, so every method prunes against the same latency model.
+                [res] = prune(args.model, tables=str(tables_root), devices=device.key,
+                              budget=f"{budget_ms - fixed:.6f}ms",
                               out=variants_root / f"{method}-{budget:g}", steps=args.steps, weights=str(dense_path),
-                              method=method, batch=1, dtype="fp32", memory_format="nhwc", round_to=args.round_to,
-                              overwrite=True, finetune=finetune, measure=True, protocol=protocol)
+                              method=method, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
+                              round_to=args.round_to,
+                              overwrite=True, finetune=finetune, measure=False)
             except FleetpruneError as exc:
                 row["error"] = str(exc)
                 rows.append(row)
@@ -383,13 +451,21 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             met = measure(model, data)
             phases["evaluation"] += time.perf_counter() - t
+            t = time.perf_counter()
+            measured_ms = float(measure_model(model, (args.batch, *shape), device, "fp32", args.memory_format,
+                                              protocol, fold_bn=True).median_ms)
+            phases["variants_latency"] = phases.get("variants_latency", 0.0) + time.perf_counter() - t
+            if res.fixed_ms:
+                print(f"[{method} @ {budget:g}] warning: prune used a fixed part of {res.fixed_ms:.4g} ms "
+                      f"({res.fixed_source}); the predicted latency counts it twice")
+            predicted_ms = res.predicted_ms + fixed
             params, macs = count_params_macs(model, shape)
-            row.update(top1=met.top1, test_loss=met.loss, measured_ms=res.measured_ms, predicted_ms=res.predicted_ms,
-                       params=params, macs=macs, widths=res.widths, prune_dense_measured_ms=res.dense_measured_ms,
-                       fixed_ms=res.fixed_ms, steps=res.report.get("steps"), folder=str(res.folder))
+            row.update(top1=met.top1, test_loss=met.loss, measured_ms=measured_ms, predicted_ms=predicted_ms,
+                       predicted_rows_ms=res.predicted_ms, params=params, macs=macs, widths=res.widths,
+                       steps=res.report.get("steps"), folder=str(res.folder))
             rows.append(row)
-            print(f"[{method} @ {budget:g}] top-1 {met.top1:.2%}, measured {res.measured_ms:.4f} ms, predicted "
-                  f"{res.predicted_ms:.4f} ms, budget {budget_ms:.4f} ms, {params} params, {macs / 1e6:.2f} MMACs; "
+            print(f"[{method} @ {budget:g}] top-1 {met.top1:.2%}, measured {measured_ms:.4f} ms, predicted "
+                  f"{predicted_ms:.4f} ms, budget {budget_ms:.4f} ms, {params} params, {macs / 1e6:.2f} MMACs; "
                   f"prune+step fine-tune {row['prune_s']:.0f} s, final fine-tune {row['final_finetune_s']:.0f} s",
                   flush=True)
 
@@ -408,8 +484,8 @@ def main(argv=None) -> int:
                                str(r["params"]), f"{r['macs'] / 1e6:.2f}"])
     print()
     print(_table(header, table_rows))
-    print("(dense predicted = table rows + fixed part, the fixed part being measured - rows; variants' predicted "
-          "include the fixed part of their own prune call's dense measurement)")
+    print(f"(predicted = table rows + the fixed part {fixed:.4f} ms = dense measured - dense rows, the same for "
+          "every variant; measured = the pruned network, BN folded, end to end here)")
     goals = check_goals(rows, budgets)
     for line in goals["lines"]:
         print(line)
@@ -419,11 +495,13 @@ def main(argv=None) -> int:
             "machine": {"cpu": device.name, "device_key": device.key, "threads": threads, "torch": torch.__version__,
                         "platform": platform.platform(), "load_at_end": os.getloadavg()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": _git_commit(), "options": opts,
-            "table": {"root": str(tables_root), "round_to": args.round_to, "protocol": protocol.to_dict(),
+            "table": {"root": str(tables_root), "batch": args.batch, "memory_format": args.memory_format,
+                      "round_to": args.round_to, "protocol": protocol.to_dict(),
                       "configs": len(configs), "noisy_rows": noisy},
             "finetune": {"iters_total": ft_total, "iters_per_step": iters_per_step, "final_iters": final_iters},
             "dense": {"top1": dense_top1, "measured_ms": dense_ms, "layer_sum_ms": layer_sum, "fixed_ms": fixed,
-                      "params": dense_params, "macs": dense_macs, "checkpoint": str(dense_path)},
+                      "floor_predicted_ms": floor_pred, "floor_measured_ms": floor_ms, "params": dense_params,
+                      "macs": dense_macs, "checkpoint": str(dense_path)},
             "variants": rows, "goals": goals, "phases_s": phases, "wall_s": wall, "estimate_s": est,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 """Predicted versus measured latency of pruned variants on this CPU (CIFAR ResNet-56 by default).
 
 Profiles the model's layer configurations on this CPU (default timing protocol, resumable: rows the
-table holds are not measured again), prunes the model for each budget with the table, measures the
-exported (BN-folded) variant end to end, and prints one line per budget:
+table holds are not measured again), prunes the model for each budget with the table, then measures
+the dense model and the exported variant end to end (BN folded) ``--rounds`` times, alternating, and
+compares the medians with two predictions: ``offset`` (the pruner's: variant layer sum + fixed part,
+fixed = dense measured - dense layer sum) and ``scale`` (variant layer sum * dense measured / dense
+layer sum). One line per budget:
 
     .venv/bin/python benchmarks/prune_cpu.py --model resnet56 --batch 1 --budgets 0.7 0.5
 
@@ -19,9 +22,18 @@ import os
 import tempfile
 import time
 
-from fleetprune import models
+import statistics
+
+from fleetprune import load_variant, models
 from fleetprune.api import prune
-from fleetprune.profiler import TimingProtocol, TorchTimingBackend, cpu_device, profile_configs, provenance
+from fleetprune.profiler import (
+    TimingProtocol,
+    TorchTimingBackend,
+    cpu_device,
+    measure_model,
+    profile_configs,
+    provenance,
+)
 from fleetprune.pruner.plan import build_plan
 from fleetprune.pruner.variant import example_input
 from fleetprune.tables import TableStore
@@ -39,6 +51,7 @@ def main() -> None:
     p.add_argument("--tables", default=None, help="table root to reuse (default: a new temporary one)")
     p.add_argument("--out", default=None, help="variants folder (default: temporary)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=5, help="alternating dense/variant measurements (default 5)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -56,17 +69,32 @@ def main() -> None:
     print(f"{args.model} batch {args.batch} on {device.key} ({device.name}): {len(plan.configs())} configurations, "
           f"{len(todo)} profiled in {time.perf_counter() - start:.0f} s, table {root}")
     out = args.out or tempfile.mkdtemp(prefix="fp-bench-variants-")
-    print(f"{'budget':>6} {'dense meas':>11} {'target':>9} {'predicted':>10} {'measured':>9} {'pred/meas-1':>11} "
-          f"{'solver s':>8}")
+    print(f"{'budget':>6} {'dense':>9} {'target':>9} {'variant':>9} {'offset':>9} {'err':>7} {'scale':>9} "
+          f"{'err':>7} {'solver s':>8}   (ms; dense/variant over {args.rounds} alternating measurements)")
+    dense = models.create(args.model)
+    shape = (args.batch, *models.input_shape(args.model))
     for budget in args.budgets:
         [r] = prune(args.model, tables=root, devices=device.key, budget=budget, steps=args.steps,
                     out=os.path.join(out, f"b{budget}"), round_to=args.round_to, batch=args.batch,
                     memory_format=args.memory_format, protocol=protocol)
-        err = (r.predicted_ms - r.measured_ms) / r.measured_ms
-        print(f"{budget:>6} {r.dense_measured_ms:>9.3f}ms {r.budget_ms:>7.3f}ms {r.predicted_ms:>8.3f}ms "
-              f"{r.measured_ms:>7.3f}ms {err:>+10.1%} {r.report['solver_time_s']:>8.2f}")
+        variant = load_variant(r.folder)
+        dense_ms, variant_ms = [], []
+        for _ in range(args.rounds):
+            dense_ms.append(measure_model(dense, shape, device, "fp32", args.memory_format, protocol).median_ms)
+            variant_ms.append(measure_model(variant, shape, device, "fp32", args.memory_format, protocol).median_ms)
+        s_dense = r.report["dense_layer_sum_ms"]
+        s_var = r.predicted_ms - r.fixed_ms
+        # median: the typical run; min: the least disturbed one (robust when other processes share the cores)
+        for label, stat in (("median", statistics.median), ("min", min)):
+            md, mv = stat(dense_ms), stat(variant_ms)
+            offset = s_var + max(0.0, md - s_dense)
+            scale = s_var * md / s_dense
+            print(f"{budget:>6} {md:>9.3f} {budget * md:>9.3f} {mv:>9.3f} {offset:>9.3f} {offset / mv - 1:>+7.1%} "
+                  f"{scale:>9.3f} {scale / mv - 1:>+7.1%} {r.report['solver_time_s']:>8.2f}  {label}")
+        print(f"   in-run: dense {r.dense_measured_ms:.3f}, budget {r.budget_ms:.3f}, predicted {r.predicted_ms:.3f}, "
+              f"measured {r.measured_ms:.3f} ({r.predicted_ms / r.measured_ms - 1:+.1%}); dense spread "
+              f"{min(dense_ms):.3f}-{max(dense_ms):.3f}, variant spread {min(variant_ms):.3f}-{max(variant_ms):.3f}")
         print("   widths", json.dumps(r.widths))
-        print(f"   fixed part {r.fixed_ms:.3f} ms ({r.fixed_source}); measured as {r.report['measured_as']}")
 
 
 if __name__ == "__main__":

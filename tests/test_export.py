@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from fleetprune import models
 from fleetprune.errors import ModelError
@@ -111,3 +110,16 @@ def test_removing_twice_is_refused():
     remove_channels(model, plan, masks, x)
     with pytest.raises(ModelError, match="pruned already"):
         remove_channels(model, plan, masks, x)
+
+
+def test_check_widths_names_every_layer_that_disagrees():
+    from fleetprune.pruner.export import check_widths
+
+    model, x = _build("concat")
+    plan = build_plan(model, x)
+    check_widths(model, plan, plan.dense_widths())
+    wrong = {**plan.dense_widths(), "a.0": 16}
+    with pytest.raises(ModelError) as err:
+        check_widths(model, plan, wrong)
+    assert "a.0: 32 output channels, plan says 16" in str(err.value)
+    assert "mix.0: 80 input channels, plan says 64" in str(err.value)  # the concat reader

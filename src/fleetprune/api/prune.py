@@ -140,7 +140,8 @@ def _devices(store: TableStore, devices: str | Sequence[str]) -> list[str]:
         found = [d.device_key for d in store.devices() if d.rows > 0]
         if not found:
             raise TableError(
-                f"no device tables under {store.root}; measure one first: fleetprune profile MODEL --tables {store.root}"
+                f"no device tables under {store.root}; measure one first: "
+                f"fleetprune profile MODEL --tables {store.root}"
             )
         return found
     if "all" in devices:
@@ -560,5 +561,7 @@ def load_variant(path: str | os.PathLike, model_factory: Callable[[], nn.Module]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"the weights in {folder / WEIGHTS_FILE} do not fit the architecture of widths.json: {exc}") from exc
+        raise ModelError(
+            f"the weights in {folder / WEIGHTS_FILE} do not fit the architecture of widths.json: {exc}"
+        ) from exc
     return model.eval()

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", required=True, metavar="DEV[,DEV...]|all",
                    help="device keys of the table root, comma-separated, or 'all'")
     p.add_argument("--budget", required=True,
-                   help="latency budget: a fraction of dense (0.5, 50%%), an absolute time (12ms, 800us) or a speed-up (2x)")
+                   help="latency budget: a fraction of dense (0.5, 50%%), an absolute time (12ms, 800us) "
+                   "or a speed-up (2x)")
     p.add_argument("--steps", type=int, default=30, metavar="K", help="progressive pruning steps (default 30)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the variants")
     p.add_argument("--overwrite", action="store_true",

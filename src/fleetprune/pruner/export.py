@@ -82,7 +82,7 @@ def module_widths(model: nn.Module, plan: Any) -> dict[str, int]:
 
 
 def check_widths(model: nn.Module, plan: Any, widths: Mapping[str, int]) -> None:
-    """Raise ModelError unless every member and consumer of every group has the planned width."""
+    """Raise ModelError unless every group's writers and every layer's input have the planned widths."""
     modules = dict(model.named_modules())
     wrong: list[str] = []
     for group in plan.groups:
@@ -91,19 +91,20 @@ def check_widths(model: nn.Module, plan: Any, widths: Mapping[str, int]) -> None
             have = _out_channels(modules[name]) if name in modules else None
             if have is not None and have != want:
                 wrong.append(f"{name}: {have} output channels, plan says {want} (group {group.name})")
+    full = {g.name: int(widths.get(g.name, g.width)) for g in plan.groups}
     for layer in plan.layers:
-        if layer.in_group is None or layer.name not in modules:
+        if layer.name not in modules:
             continue
         module = modules[layer.name]
-        want = int(widths.get(layer.in_group, plan.group(layer.in_group).width))
+        # layer_config prices concat and flatten readers exactly, so every reader is checked
+        want = int(plan.layer_config(layer, full).cin)
         have = (
             int(module.in_channels)
             if isinstance(module, nn.modules.conv._ConvNd)
             else int(module.in_features) if isinstance(module, nn.Linear) else None
         )
-        # A consumer reading a concatenation has more inputs than one group: check only exact readers.
-        if have is not None and layer.base.cin == plan.group(layer.in_group).width and have != want:
-            wrong.append(f"{layer.name}: {have} input channels, plan says {want} (group {layer.in_group})")
+        if have is not None and have != want:
+            wrong.append(f"{layer.name}: {have} input channels, plan says {want}")
     if wrong:
         raise ModelError(
             "physical pruning gave widths that differ from the plan; the channel coupling of this "

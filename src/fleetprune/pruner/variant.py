@@ -103,7 +103,7 @@ def write_variant(
         model_name, model_kwargs: how the dense model is created again by name.
         input_shape: one sample's shape (C, H, W).
         dtype, memory_format, batch: the deployment setting the variant was pruned for.
-        plan_json: ``Plan.to_json()`` of the dense model; needed to rebuild the architecture.
+        plan_json: ``Plan.to_dict()`` of the dense model; needed to rebuild the architecture.
         widths: kept channels per group.
         report: the report dict (JSON-serialisable).
         overwrite: replace an existing variant for this device; otherwise it is an error.
