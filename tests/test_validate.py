@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -11,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from fleetprune.api import validate as vmod
 from fleetprune.api.validate import draw_widths, fidelity, fit_correction, validate
 from fleetprune.cli import main
 from fleetprune.errors import DeviceError, MissingConfigsError
@@ -23,12 +23,16 @@ from fleetprune.profiler import (
     profile_configs,
     provenance,
 )
+
 from fleetprune.pruner.export import module_widths
 from fleetprune.pruner.latency import LatencyModel
 from fleetprune.pruner.plan import build_plan
 from fleetprune.pruner.variant import example_input
 from fleetprune.tables import TableStore, make_row
 from fleetprune.tables.schema import read_provenance
+
+# the module; ``fleetprune.api.validate`` is the verb of the same name
+vmod = importlib.import_module("fleetprune.api.validate")
 
 SHAPE = (3, 16, 16)
 FORMAT = "nhwc"
