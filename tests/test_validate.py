@@ -158,7 +158,7 @@ def _linear_measurements(monkeypatch, root, device, a: float, b: float) -> None:
     plan = tiny_plan()
     lm = LatencyModel(plan, TableStore(root).read(device.key))
 
-    def measure(net, shape, dev, dtype, memory_format, protocol):
+    def measure(net, shape, dev, dtype, memory_format, protocol, **_):
         assert dev.key == device.key and tuple(shape) == (1, *SHAPE) and memory_format == FORMAT
         ms = a * lm.layer_sum(module_widths(net, plan)) + b
         return Measurement(ms, 0.99 * ms, 1.01 * ms, 5)

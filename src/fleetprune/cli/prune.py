@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-measure", action="store_true",
                    help="do not measure end to end even when a device is this machine")
     p.add_argument("--quick", action="store_true", help="short timing protocol for the measurements (noisier)")
+    p.add_argument("--no-report", action="store_true", help="do not write DIR/report.html")
     p.add_argument("--data", metavar="PATH", default=os.environ.get("FLEETPRUNE_CIFAR"),
                    help="CIFAR-10 Parquet file for fine-tuning between steps (with --finetune-iters)")
     p.add_argument("--finetune-iters", type=int, default=0, metavar="N",
@@ -106,4 +108,12 @@ def run(args: argparse.Namespace) -> int:
         protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
     )
     print(f"{len(results)} variant{'s' if len(results) != 1 else ''} written to {args.out}")
+    if not args.no_report:
+        from fleetprune.errors import ReportError
+        from fleetprune.report import write_variants_report
+
+        try:
+            print(f"report: {write_variants_report(args.out)}")
+        except ReportError as exc:  # the variants are written; a failed report must not fail the prune
+            print(f"warning: no report: {exc}", file=sys.stderr)
     return 0

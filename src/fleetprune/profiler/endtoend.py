@@ -25,6 +25,7 @@ def measure_model(
     memory_format: str = "nchw",
     protocol: TimingProtocol | None = None,
     fold_bn: bool = True,
+    rounds: int = 3,
 ) -> Measurement:
     """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
 
@@ -39,6 +40,9 @@ def measure_model(
         fold_bn: fold every conv/linear + BatchNorm pair into the conv first, as deployment engines
             do and as the layer tables are measured; a model torch.fx cannot trace runs unfolded
             (logged).
+        rounds: time the network this many times and keep the round with the lowest median.
+            Interference from other work on a shared machine only ever adds time, so the lowest
+            median is the least disturbed one.
 
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
@@ -71,7 +75,8 @@ def measure_model(
             x = x.contiguous(memory_format=fmt)
         with torch.inference_mode():
             net(x)  # fail here, with a clear error, rather than inside the timer
-            return time_callable(lambda: net(x), device, protocol)
+            runs = [time_callable(lambda: net(x), device, protocol) for _ in range(max(1, int(rounds)))]
+            return min(runs, key=lambda m: m.median_ms)
     except torch.cuda.OutOfMemoryError as exc:
         raise ProfileError(f"{what}: does not fit the memory of {device.key}: {exc}") from exc
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
