@@ -97,7 +97,9 @@ def test_a_node_removed_mid_run_loses_no_row(ray_cluster, tmp_path):
     import ray
 
     victim = ray_cluster.add_gpu_node("FAKE_A")
-    cs = configs(60, in_hw=12)
+    # Enough chunks that work is still queued when the victim (the last actor to start) reports its
+    # first one; with too few, the others can drain the queue and the victim just finishes.
+    cs = configs(180, in_hw=12)
     root = tmp_path / "tables"
     removed = []
 
