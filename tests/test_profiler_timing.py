@@ -96,3 +96,12 @@ def test_tune_allocator_keeps_big_buffers_off_mmap():
     mapped = libc.mallinfo2().hblks - before
     libc.free(ptr)
     assert mapped == 0
+
+
+def test_protocol_round_trips_through_provenance_and_rejects_junk():
+    from fleetprune.profiler import TimingProtocol
+
+    p = TimingProtocol.quick()
+    assert TimingProtocol.from_dict({**p.to_dict(), "unknown_future_field": 1}) == p
+    assert TimingProtocol.from_dict({"repeats": 0}) is None  # invalid values
+    assert TimingProtocol.from_dict("not a dict") is None

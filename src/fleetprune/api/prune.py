@@ -224,13 +224,7 @@ def _table_protocol(table: LatencyTable) -> Any:
     """The timing protocol the table was profiled with (end-to-end checks use the same), or None."""
     from fleetprune.profiler import TimingProtocol
 
-    raw = table.provenance.get("timing_protocol")
-    if not isinstance(raw, Mapping):
-        return None
-    try:
-        return TimingProtocol(**{k: v for k, v in raw.items() if k in TimingProtocol.__dataclass_fields__})
-    except (TypeError, ValueError):
-        return None
+    return TimingProtocol.from_dict(table.provenance.get("timing_protocol"))
 
 
 def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, root: str,

@@ -24,7 +24,7 @@ import shlex
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -446,9 +446,7 @@ def validate(
 def _table_protocol(table: LatencyTable) -> TimingProtocol:
     """The timing protocol the table was profiled with, or the default one."""
     raw = table.provenance.get("timing_protocol")
-    if isinstance(raw, Mapping):
-        try:
-            return TimingProtocol(**{k: v for k, v in raw.items() if k in TimingProtocol.__dataclass_fields__})
-        except (TypeError, ValueError) as exc:
-            log.warning("ignoring the table's timing protocol %r: %s", raw, exc)
-    return TimingProtocol()
+    protocol = TimingProtocol.from_dict(raw)
+    if protocol is None and raw is not None:
+        log.warning("ignoring the table's timing protocol %r", raw)
+    return protocol or TimingProtocol()

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.utils.benchmark as tbench
@@ -85,6 +85,16 @@ class TimingProtocol:
     def to_dict(self) -> dict[str, Any]:
         """The protocol as a JSON-ready dict (stored in table provenance)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "TimingProtocol | None":
+        """The protocol a table's provenance recorded (unknown keys ignored), or None if unusable."""
+        if not isinstance(raw, Mapping):
+            return None
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        except (TypeError, ValueError):
+            return None
 
 
 @dataclass(frozen=True)
