@@ -1,11 +1,13 @@
-"""How repeatable are profiler medians between two processes, and how fast does it profile?
+"""How repeatable are profiler latencies between two processes, and how fast does it profile?
 
 Measures the same 20 layer configurations (a CIFAR-ResNet-like mix) in two separate Python
 processes, one after the other, and prints the median relative difference of the two runs'
-medians, the within-run spread, and configurations per second. The relative difference of one
+latencies (the protocol's statistic: the minimum by default), of their medians and of their p10s,
+the within-run spread, and configurations per second. The relative difference of one
 configuration is |a - b| / mean(a, b).
 
     python benchmarks/profile_noise.py                       # default protocol, in-process mallopt
+    python benchmarks/profile_noise.py --threads 1 --statistic median
     python benchmarks/profile_noise.py --protocol quick
     python benchmarks/profile_noise.py --compare-allocators  # none vs env vars vs in-process mallopt
 
@@ -60,10 +62,13 @@ def _configs():
     return out
 
 
-def _protocol(name: str):
+def _protocol(name: str, statistic: str = "min"):
+    import dataclasses
+
     from fleetprune.profiler import TimingProtocol
 
-    return TimingProtocol.quick() if name == "quick" else TimingProtocol()
+    protocol = TimingProtocol.quick() if name == "quick" else TimingProtocol()
+    return dataclasses.replace(protocol, statistic=statistic)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -73,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     device = cpu_device(args.threads)
-    protocol = _protocol(args.protocol)
+    protocol = _protocol(args.protocol, args.statistic)
     if args.allocator == "mallopt":
         backend = TorchTimingBackend(device, protocol)  # the profiler's own path: tunes in-process
     else:
@@ -97,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     # in again on every call), and unlike times they do not depend on machine load.
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     for r in rows:
-        print(json.dumps({"key": r["key"], "median": r["lat_ms_median"], "p10": r["lat_ms_p10"],
+        print(json.dumps({"key": r["key"], "lat": r["lat_ms"], "median": r["lat_ms_median"], "p10": r["lat_ms_p10"],
                           "p90": r["lat_ms_p90"], "n": r["n_samples"], "noisy": r["noisy"]}))
     print(json.dumps({"elapsed_s": elapsed, "device": device.key, "minor_faults": faults}))
 
@@ -109,7 +114,8 @@ def _run_once(args: argparse.Namespace, seed: int, allocator: str) -> tuple[dict
     if allocator == "env":
         env.update(ALLOCATOR_ENV)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(seed),
-           "--threads", str(args.threads), "--protocol", args.protocol, "--allocator", allocator]
+           "--threads", str(args.threads), "--protocol", args.protocol, "--allocator", allocator,
+           "--statistic", args.statistic]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     rows, elapsed, faults = {}, 0.0, 0
     for line in out.stdout.splitlines():
@@ -125,10 +131,13 @@ def compare(args: argparse.Namespace, allocator: str) -> dict:
     """Two processes, one after the other; returns the figures."""
     a, ta, fa = _run_once(args, 0, allocator)
     b, tb, fb = _run_once(args, 1, allocator)
-    diffs = sorted(abs(a[k]["median"] - b[k]["median"]) / ((a[k]["median"] + b[k]["median"]) / 2) for k in a)
-    # The p10s too: pre-emption by other work only ever adds time, so on a busy machine the p10
-    # is less disturbed than the median; a large gap between the two figures means load.
-    diffs_p10 = sorted(abs(a[k]["p10"] - b[k]["p10"]) / ((a[k]["p10"] + b[k]["p10"]) / 2) for k in a)
+    def rel_diffs(field: str) -> list[float]:
+        return sorted(abs(a[k][field] - b[k][field]) / ((a[k][field] + b[k][field]) / 2) for k in a)
+
+    # The table's latency (the protocol's statistic), and the median and p10 beside it:
+    # pre-emption by other work only ever adds time, so on a busy machine the minimum and the p10
+    # are less disturbed than the median; a large gap between the figures means load.
+    diffs = rel_diffs("lat")
     spreads = [(r["p90"] - r["p10"]) / r["median"] for r in list(a.values()) + list(b.values())]
     noisy = sum(r["noisy"] for r in list(a.values()) + list(b.values()))
     return {
@@ -136,12 +145,13 @@ def compare(args: argparse.Namespace, allocator: str) -> dict:
         "median_rel_diff": statistics.median(diffs),
         "p90_rel_diff": diffs[int(0.9 * (len(diffs) - 1))],
         "max_rel_diff": diffs[-1],
-        "median_rel_diff_p10": statistics.median(diffs_p10),
+        "median_rel_diff_median": statistics.median(rel_diffs("median")),
+        "median_rel_diff_p10": statistics.median(rel_diffs("p10")),
         "median_spread": statistics.median(spreads),
         "noisy_rows": noisy,
         "configs_per_s": 2 * len(a) / (ta + tb),
         "faults_per_config": (fa + fb) / (2 * len(a)),
-        "mean_ms": {k: (a[k]["median"], b[k]["median"]) for k in a},
+        "mean_ms": {k: (a[k]["lat"], b[k]["lat"]) for k in a},
     }
 
 
@@ -150,8 +160,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--protocol", choices=["default", "quick"], default="default")
     parser.add_argument("--allocator", choices=["mallopt", "env", "none"], default="mallopt")
+    parser.add_argument("--statistic", choices=["min", "median"], default="min",
+                        help="the protocol's latency statistic (default min, the profiler's default)")
     parser.add_argument("--compare-allocators", action="store_true")
-    parser.add_argument("--verbose", action="store_true", help="print every configuration's two medians")
+    parser.add_argument("--verbose", action="store_true", help="print every configuration's two latencies")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,15 +181,16 @@ def main() -> None:
     print(f"machine: {device.name} ({device.fingerprint['cpu_capability']}), "
           f"{device.fingerprint['logical_cpus']} logical CPUs, timing with {args.threads} thread(s); "
           f"device key {device.key}")
-    print(f"protocol: {args.protocol} {_protocol(args.protocol).to_dict()}")
+    print(f"protocol: {args.protocol} {_protocol(args.protocol, args.statistic).to_dict()}")
     print(f"configurations: {len(CIFAR_MIX)} (CIFAR-ResNet-like, fp32, batch 1 and 32), two processes in turn")
     print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     allocators = ["none", "env", "mallopt"] if args.compare_allocators else [args.allocator]
     for allocator in allocators:
         res = compare(args, allocator)
-        print(f"allocator={allocator:8s} median rel. diff between processes {100 * res['median_rel_diff']:.1f}% "
-              f"(p90 {100 * res['p90_rel_diff']:.1f}%, max {100 * res['max_rel_diff']:.1f}%; of the p10s "
-              f"{100 * res['median_rel_diff_p10']:.1f}%); "
+        print(f"allocator={allocator:8s} latency ({args.statistic}) median rel. diff between processes "
+              f"{100 * res['median_rel_diff']:.1f}% (p90 {100 * res['p90_rel_diff']:.1f}%, max "
+              f"{100 * res['max_rel_diff']:.1f}%; of the medians {100 * res['median_rel_diff_median']:.1f}%, "
+              f"of the p10s {100 * res['median_rel_diff_p10']:.1f}%); "
               f"median within-run spread (p90-p10)/median {100 * res['median_spread']:.1f}%; "
               f"noisy rows {res['noisy_rows']}/{2 * len(CIFAR_MIX)}; {res['configs_per_s']:.2f} configurations/s; "
               f"{res['faults_per_config']:.0f} minor page faults per configuration")

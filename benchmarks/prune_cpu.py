@@ -3,11 +3,13 @@
 Profiles the model's layer configurations on this CPU (default timing protocol, resumable: rows the
 table holds are not measured again), prunes the model for each budget with the table, then measures
 the dense model and the exported variant end to end (BN folded) ``--rounds`` times, alternating, and
-compares the medians with two predictions: ``offset`` (the pruner's: variant layer sum + fixed part,
-fixed = dense measured - dense layer sum) and ``scale`` (variant layer sum * dense measured / dense
-layer sum). One line per budget:
+compares their latencies (the protocol's statistic, the minimum by default) with two predictions:
+``offset`` (the pruner's: variant layer sum + fixed part, fixed = dense measured - dense layer sum)
+and ``scale`` (variant layer sum * dense measured / dense layer sum). Two lines per budget (the
+median and the minimum over the rounds), then the prune's own in-run figures:
 
-    .venv/bin/python benchmarks/prune_cpu.py --model resnet56 --batch 1 --budgets 0.7 0.5
+    .venv/bin/python benchmarks/prune_cpu.py --model resnet56 --batch 16 --budgets 0.7 0.5
+    .venv/bin/python benchmarks/prune_cpu.py --model mobilenet_v2 --input-size 64 --budgets 0.7 0.5
 
 Start the process with the allocator settings of DESIGN.md (MALLOC_MMAP_THRESHOLD_=67108864
 MALLOC_TRIM_THRESHOLD_=134217728) or let the profiler's in-process tuning do it.
@@ -16,6 +18,7 @@ MALLOC_TRIM_THRESHOLD_=134217728) or let the profiler's in-process tuning do it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -52,40 +55,48 @@ def main() -> None:
     p.add_argument("--out", default=None, help="variants folder (default: temporary)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=5, help="alternating dense/variant measurements (default 5)")
+    p.add_argument("--input-size", type=int, default=None, help="H = W instead of the model's default (e.g. 64)")
+    p.add_argument("--statistic", default="min", choices=["min", "median"], help="the protocol's latency statistic")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     device = cpu_device(args.threads)
     protocol = TimingProtocol.quick() if args.quick else TimingProtocol()
+    protocol = dataclasses.replace(protocol, statistic=args.statistic)
     root = args.tables or tempfile.mkdtemp(prefix="fp-bench-tables-")
     store = TableStore(root)
-    plan = build_plan(models.create(args.model), example_input(models.input_shape(args.model), args.batch),
+    sample = tuple(models.input_shape(args.model))
+    if args.input_size:
+        sample = (sample[0], args.input_size, args.input_size)
+    plan = build_plan(models.create(args.model), example_input(sample, args.batch),
                       round_to=args.round_to, memory_format=args.memory_format)
     todo = [c for c in plan.configs() if c.key not in store.measured_keys(device.key)]
     start = time.perf_counter()
     if todo:
         rows = list(profile_configs(todo, TorchTimingBackend(device, protocol)))
         store.write(device.key, rows, provenance(device, protocol))
-    print(f"{args.model} batch {args.batch} on {device.key} ({device.name}): {len(plan.configs())} configurations, "
+    print(f"{args.model} {'x'.join(map(str, sample))} batch {args.batch} on {device.key} ({device.name}), "
+          f"latency = {protocol.statistic} of the timed blocks: {len(plan.configs())} configurations, "
           f"{len(todo)} profiled in {time.perf_counter() - start:.0f} s, table {root}")
     out = args.out or tempfile.mkdtemp(prefix="fp-bench-variants-")
     print(f"{'budget':>6} {'dense':>9} {'target':>9} {'variant':>9} {'offset':>9} {'err':>7} {'scale':>9} "
           f"{'err':>7} {'solver s':>8}   (ms; dense/variant over {args.rounds} alternating measurements)")
     dense = models.create(args.model)
-    shape = (args.batch, *models.input_shape(args.model))
+    shape = (args.batch, *sample)
     for budget in args.budgets:
         [r] = prune(args.model, tables=root, devices=device.key, budget=budget, steps=args.steps,
                     out=os.path.join(out, f"b{budget}"), round_to=args.round_to, batch=args.batch,
-                    memory_format=args.memory_format, protocol=protocol)
+                    memory_format=args.memory_format, protocol=protocol, input_size=args.input_size)
         variant = load_variant(r.folder)
         dense_ms, variant_ms = [], []
         for _ in range(args.rounds):
-            dense_ms.append(measure_model(dense, shape, device, "fp32", args.memory_format, protocol).median_ms)
-            variant_ms.append(measure_model(variant, shape, device, "fp32", args.memory_format, protocol).median_ms)
+            dense_ms.append(protocol.latency(measure_model(dense, shape, device, "fp32", args.memory_format, protocol)))
+            variant_ms.append(protocol.latency(measure_model(variant, shape, device, "fp32", args.memory_format,
+                                                             protocol)))
         s_dense = r.report["dense_layer_sum_ms"]
         s_var = r.predicted_ms - r.fixed_ms
-        # median: the typical run; min: the least disturbed one (robust when other processes share the cores)
-        for label, stat in (("median", statistics.median), ("min", min)):
+        # over the rounds: the median is the typical round, the min the least disturbed one
+        for label, stat in (("median of rounds", statistics.median), ("min of rounds", min)):
             md, mv = stat(dense_ms), stat(variant_ms)
             offset = s_var + max(0.0, md - s_dense)
             scale = s_var * md / s_dense

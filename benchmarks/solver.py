@@ -68,7 +68,7 @@ def main() -> None:
     plan_s = time.perf_counter() - t
     configs = plan.configs()
     table = LatencyTable("synthetic-macs", {}, pd.DataFrame(
-        {"key": [c.key for c in configs], "lat_ms_median": [macs_ms(c) for c in configs]}))
+        {"key": [c.key for c in configs], "lat_ms": [macs_ms(c) for c in configs]}))
     lm = LatencyModel(plan, table)
     scores = make_importance("sp_lamp").scores(model, plan)
     units = {g.name: group_units(g, scores[g.name]) for g in plan.groups if g.prunable}

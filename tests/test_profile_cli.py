@@ -196,3 +196,24 @@ def test_failed_configurations_make_a_nonzero_exit_after_the_summary(tmp_path, c
     captured = capsys.readouterr()
     assert "failed on" in captured.out and "cannot build" in captured.out
     assert "rerun the same command" in captured.err and "Traceback" not in captured.err
+
+
+def test_input_size_classes_and_choices_profile_what_prune_will_ask_for(tmp_path, capsys):
+    """A table profiled with --input-size/--num-classes/--max-choices holds exactly the plan prune builds
+    with the same options, and a bad size is refused with the form it takes."""
+    root = str(tmp_path / "t")
+    argv = ["profile", "resnet18", "--ray-address", "none", "--backend", "fake", "--threads", "1",
+            "--input-size", "48", "--num-classes", "10", "--max-choices", "4", "--round-to", "32",
+            "--tables", root]
+    assert main(argv) == 0
+    [dev] = TableStore(root).devices()
+    want = plan_configs("resnet18", input_size=48, num_classes=10, max_choices=4, round_to=32)
+    assert TableStore(root).measured_keys(dev.device_key) == {c.key for c in want}
+    assert {c.in_h for c in want if c.op == "conv"} >= {48, 12, 6} and 224 not in {c.in_h for c in want}
+    assert any(c.op == "linear" and c.cout == 10 for c in want)
+    default = plan_configs("resnet18", round_to=32)
+    assert len(want) < len(default)  # 4 choices per group, not up to 32
+
+    assert main(["profile", "resnet18", "--ray-address", "none", "--backend", "fake", "--input-size", "48x",
+                 "--tables", root]) == 2
+    assert "--input-size must be H or HxW" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -28,11 +29,11 @@ def _grid(n=12):
 
 
 class ScriptedBackend:
-    """A fake backend whose spread follows a script per configuration key."""
+    """A fake backend whose spread follows a script per configuration key (median protocol)."""
 
     def __init__(self, spreads):
         self.device = DEV
-        self.protocol = TimingProtocol.quick()
+        self.protocol = dataclasses.replace(TimingProtocol.quick(), statistic="median")
         self.spreads = spreads  # key -> list of spreads for successive measurements
         self.calls: dict[str, int] = {}
 
@@ -56,7 +57,8 @@ def test_real_cpu_rows_are_valid_and_one_per_config():
     assert sorted(r["key"] for r in rows) == sorted(c.key for c in configs)
     for row in rows:
         assert row["device_key"] == backend.device.key
-        assert 0 < row["lat_ms_p10"] <= row["lat_ms_median"] <= row["lat_ms_p90"]
+        assert 0 < row["lat_ms_min"] <= row["lat_ms_p10"] <= row["lat_ms_median"] <= row["lat_ms_p90"]
+        assert row["lat_ms"] == row["lat_ms_min"]  # the default protocol's statistic
         assert row["n_samples"] >= TimingProtocol.quick().repeats
         assert isinstance(row["noisy"], bool)
     table = rows_to_table(rows, {"device_key": backend.device.key})
@@ -99,6 +101,38 @@ def test_noise_limit_comes_from_the_protocol_or_the_argument():
     backend = ScriptedBackend({cfg.key: [0.15]})
     row = list(profile_configs([cfg], backend, noise_limit=0.2))[0]
     assert not row["noisy"] and backend.calls[cfg.key] == 1
+
+
+class MinimumBackend:
+    """A fake backend under the default (minimum) protocol: each measurement's (min, p10) is scripted."""
+
+    def __init__(self, script):
+        self.device = DEV
+        self.protocol = TimingProtocol.quick()
+        self.script = script  # key -> list of (min, p10) for successive measurements
+        self.calls: dict[str, int] = {}
+
+    def measure(self, config):
+        i = self.calls.get(config.key, 0)
+        self.calls[config.key] = i + 1
+        script = self.script.get(config.key, [(1.0, 1.02)])
+        low, p10 = script[min(i, len(script) - 1)]
+        return Measurement(median_ms=2 * p10, p10_ms=p10, p90_ms=3 * p10, n=10, min_ms=low)
+
+
+def test_under_the_minimum_protocol_rows_carry_the_minimum_and_lone_fast_blocks_are_rechecked():
+    steady, lone, stays = _grid(3)
+    backend = MinimumBackend({
+        lone.key: [(0.5, 1.0), (0.9, 0.95)],  # a lone fast block, then a consistent slower one: 0.5 stands, noisy
+        stays.key: [(0.5, 1.0), (0.6, 1.0)],  # inconsistent twice: the lower min, flagged noisy
+    })
+    assert TimingProtocol.quick().statistic == "min"
+    rows = {r["key"]: r for r in profile_configs([steady, lone, stays], backend)}
+    assert backend.calls == {steady.key: 1, lone.key: 2, stays.key: 2}
+    assert rows[steady.key]["lat_ms"] == rows[steady.key]["lat_ms_min"] == 1.0
+    assert rows[steady.key]["lat_ms_median"] == pytest.approx(2.04) and not rows[steady.key]["noisy"]
+    assert rows[lone.key]["lat_ms"] == 0.5 and rows[lone.key]["noisy"]  # 0.5 is still alone below p10 1.0
+    assert rows[stays.key]["lat_ms"] == 0.5 and rows[stays.key]["noisy"]
 
 
 def test_unbuildable_config_raises_after_earlier_rows():

@@ -105,3 +105,30 @@ def test_protocol_round_trips_through_provenance_and_rejects_junk():
     assert TimingProtocol.from_dict({**p.to_dict(), "unknown_future_field": 1}) == p
     assert TimingProtocol.from_dict({"repeats": 0}) is None  # invalid values
     assert TimingProtocol.from_dict("not a dict") is None
+
+
+def test_the_minimum_is_kept_and_the_protocol_names_the_latency():
+    m = Measurement.from_samples([3.0, 1.5, 2.0, 9.0, 2.5])
+    assert m.min_ms == 1.5 and m.latency("min") == 1.5 and m.latency("median") == m.median_ms == 2.5
+    assert TimingProtocol().statistic == "min" and TimingProtocol().latency(m) == 1.5
+    assert TimingProtocol(statistic="median").latency(m) == 2.5
+    with pytest.raises(ValueError, match="statistic"):
+        TimingProtocol(statistic="mean")
+    # percentiles only (a fake backend, old callers): the minimum defaults to the 10th percentile
+    assert Measurement(2.0, 1.0, 3.0, 5).min_ms == 1.0
+
+
+def test_a_protocol_recorded_without_a_statistic_used_the_median():
+    assert TimingProtocol.from_dict({"repeats": 5}).statistic == "median"  # a schema 1 table
+    assert TimingProtocol.from_dict(TimingProtocol().to_dict()) == TimingProtocol()
+    assert TimingProtocol.from_dict({"statistic": "mode"}) is None
+
+
+def test_noise_and_combining_follow_the_statistic():
+    lone = Measurement(median_ms=2.0, p10_ms=1.8, p90_ms=2.4, n=20, min_ms=1.0)  # one block far below the rest
+    backed = Measurement(median_ms=2.2, p10_ms=1.62, p90_ms=2.6, n=20, min_ms=1.6)
+    assert lone.noise("min") == pytest.approx(0.8) and backed.noise("min") == pytest.approx(0.0125)
+    assert lone.noise("median") == lone.spread == pytest.approx(0.3)
+    assert lone.combine(backed, "min") is lone  # the lower minimum wins
+    assert backed.combine(lone, "min") is lone
+    assert lone.combine(backed, "median") is lone  # the smaller spread wins (0.3 < 0.45)

@@ -60,7 +60,7 @@ class ConcatNet(nn.Module):
 def macs_table(plan, device_key: str = "fake-macs") -> LatencyTable:
     """A real LatencyTable whose medians come from MACs on a 16-channel staircase."""
     configs = plan.configs()
-    frame = pd.DataFrame({"key": [c.key for c in configs], "lat_ms_median": [macs_staircase_ms(c) for c in configs]})
+    frame = pd.DataFrame({"key": [c.key for c in configs], "lat_ms": [macs_staircase_ms(c) for c in configs]})
     return LatencyTable(device_key, {}, frame)
 
 

@@ -71,7 +71,7 @@ def test_single_lookup_miss_is_a_missing_configs_error(table):
 
 
 def test_correction_comes_from_provenance():
-    frame = pd.DataFrame({"key": ["a"], "lat_ms_median": [1.0]})
+    frame = pd.DataFrame({"key": ["a"], "lat_ms": [1.0]})
     assert LatencyTable(DEV, {}, frame).correction is None
     assert LatencyTable(DEV, {"correction": [1.5, 0.25]}, frame).correction == (1.5, 0.25)
     assert LatencyTable(DEV, {"correction": {"a": 2, "b": -1, "mape": 0.03}}, frame).correction == (2.0, -1.0)

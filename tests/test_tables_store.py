@@ -37,7 +37,7 @@ def rows_for(device: str, configs, *, scale: float = 1.0, at: dt.datetime = T0) 
     out = []
     for c in configs:
         m = c.cin * c.cout * 1e-3 * scale
-        out.append(make_row(c, device, m, 0.9 * m, 1.1 * m, 7, measured_at=at))
+        out.append(make_row(c, device, m, 0.9 * m, 1.1 * m, 7, measured_at=at, minimum=0.85 * m))
     return out
 
 
@@ -384,3 +384,30 @@ def test_keys_are_equal_across_processes():
                          env=env, check=True)
     assert json.loads(out.stdout) == [c.key for c in configs]
     assert len(set(json.loads(out.stdout))) == len(configs)
+
+
+def test_a_version_1_file_reads_with_its_median_as_the_latency(tmp_path):
+    """Tables written before the minimum was kept (schema 1) stay readable: their median is the latency."""
+    rows = rows_for(DEV, grid(2))
+    v2 = rows_to_table(rows, PROV).drop_columns(["device_key", "lat_ms", "lat_ms_min"])
+    meta = json.loads(v2.schema.metadata[METADATA_KEY])
+    v1 = v2.replace_schema_metadata({METADATA_KEY: json.dumps(dict(meta, schema_version=1))})
+    _write_raw(tmp_path / f"device_key={DEV}", "part-00000000T000000000000Z-v1.parquet", v1)
+    store = TableStore(tmp_path)
+    assert store.validate() == []
+    table = store.read(DEV)
+    for row in rows:
+        assert table.lookup_key(row["key"]) == row["lat_ms_median"]
+    assert table.frame["lat_ms_min"].isna().all()
+    # a newer row (schema 2) for one key wins and brings its own latency, the minimum
+    newer = make_row(cfg(16, 16), DEV, 9.0, 8.0, 10.0, 5, minimum=7.5, latency=7.5, measured_at=T0 + dt.timedelta(1))
+    store.write(DEV, [newer], PROV)
+    assert TableStore(tmp_path).read(DEV).lookup(cfg(16, 16)) == 7.5
+
+
+def test_a_minimum_above_the_10th_percentile_is_a_defect(tmp_path):
+    store = TableStore(tmp_path)
+    path = store.write(DEV, [make_row(cfg(16, 16), DEV, 1.0, 0.9, 1.1, 5, minimum=0.95, latency=0.95)], PROV)
+    defects = [(Path(d.file).name, d.kind) for d in store.validate()]
+    assert defects == [(Path(path).name, "bad_percentiles")]
+    assert "min=0.95" in store.validate()[0].detail

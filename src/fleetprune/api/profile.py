@@ -37,22 +37,28 @@ def default_round_to(dtype: str) -> int:
 
 
 def plan_configs(model: str, *, batch: int = 1, dtype: str = "fp32", memory_format: str = DEFAULT_MEMORY_FORMAT,
-                 round_to: int | None = None) -> list[LayerConfig]:
+                 round_to: int | None = None, input_size: Sequence[int] | int | None = None,
+                 num_classes: int | None = None, max_choices: int = 32) -> list[LayerConfig]:
     """Every layer configuration the pruner may choose for a named model (its plan's configurations).
+
+    ``input_size``, ``num_classes`` and ``max_choices`` must match what ``prune`` will be asked for,
+    or the table lacks configurations the pruner needs.
 
     Raises:
         ModelError: an unknown model name or a model the pruner cannot plan.
+        FleetpruneError: a bad input size.
     """
     import torch
 
     from fleetprune import models
+    from fleetprune.api._common import sample_shape
     from fleetprune.pruner.plan import build_plan
 
-    shape = models.input_shape(model)  # unknown name -> ModelError before building anything
-    net = models.create(model).eval()
+    shape = sample_shape(model, input_size)  # unknown name -> ModelError before building anything
+    net = models.create(model, **({} if num_classes is None else {"num_classes": int(num_classes)})).eval()
     example = torch.randn(batch, *shape)
-    plan = build_plan(net, example, round_to=round_to or default_round_to(dtype), dtype=dtype,
-                      memory_format=memory_format)
+    plan = build_plan(net, example, round_to=round_to or default_round_to(dtype), max_choices=max_choices,
+                      dtype=dtype, memory_format=memory_format)
     return plan.configs()
 
 
@@ -76,6 +82,9 @@ def profile(
     dtype: str | None = None,
     memory_format: str = DEFAULT_MEMORY_FORMAT,
     round_to: int | None = None,
+    input_size: Sequence[int] | int | None = None,
+    num_classes: int | None = None,
+    max_choices: int = 32,
     tables: str = DEFAULT_TABLES,
     devices: str | Sequence[str] = "all",
     ray_address: str = DEFAULT_ADDRESS,
@@ -99,6 +108,9 @@ def profile(
         dtype: ``fp32``/``fp16``/``bf16`` for every device; None: fp32 on CPUs, fp16 on GPUs.
         memory_format: ``nhwc`` (default) or ``nchw``.
         round_to: channel alignment of the width choices; None: 16 for fp32, 8 otherwise.
+        input_size: spatial input size (``64`` or ``(64, 48)``) instead of the model's default.
+        num_classes: classifier outputs, if not the model's default.
+        max_choices: most width choices per group (as ``prune`` will be given).
         tables: table root (folder or pyarrow filesystem URI).
         devices: ``all``, or device type names / table keys / ``cpu`` / ``gpu``.
         ray_address: ``local`` (embedded Ray, default), ``auto``, ``HOST:PORT`` or ``none`` (no Ray).
@@ -122,13 +134,16 @@ def profile(
     from fleetprune.tables.store import TableStore
 
     _check(batch, dtype, memory_format, round_to, threads)
+    if max_choices < 1:
+        raise ValueError(f"max_choices must be >= 1, got {max_choices}")
     started = time.perf_counter()
     plans: dict[str, list[LayerConfig]] = {}
 
     def configs_for(kind: str) -> list[LayerConfig]:
         want = dtype or default_dtype(kind)
         if want not in plans:
-            plans[want] = plan_configs(model, batch=batch, dtype=want, memory_format=memory_format, round_to=round_to)
+            plans[want] = plan_configs(model, batch=batch, dtype=want, memory_format=memory_format, round_to=round_to,
+                                       input_size=input_size, num_classes=num_classes, max_choices=max_choices)
         return plans[want]
 
     # Plan before Ray starts: a bad model name or layer fails in a second, not after start-up.

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fleetprune import models
+from fleetprune.api._common import sample_shape, table_protocol
 from fleetprune.errors import BudgetError, DeviceError, FleetpruneError, MissingConfigsError, TableError
 from fleetprune.pruner.export import fold_batchnorm, module_widths, remove_channels, shrink_to_widths
 from fleetprune.pruner.latency import LatencyModel
@@ -220,13 +221,6 @@ def _correction(table: LatencyTable, model_name: str, setting: _Setting,
     return corr
 
 
-def _table_protocol(table: LatencyTable) -> Any:
-    """The timing protocol the table was profiled with (end-to-end checks use the same), or None."""
-    from fleetprune.profiler import TimingProtocol
-
-    return TimingProtocol.from_dict(table.provenance.get("timing_protocol"))
-
-
 def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, root: str,
                    round_to: int | None) -> MissingConfigsError:
     msg = missing_message(table.device_key, missing, root)
@@ -329,7 +323,7 @@ def prune(
         if weights is not None:
             models.load_weights(dense, weights, name=model_name)
     else:
-        shape = tuple(int(s) for s in input_shape) if input_shape else _input_shape(model_name, input_size)
+        shape = tuple(int(s) for s in input_shape) if input_shape else sample_shape(model_name, input_size)
         dense = models.create(model_name, weights=weights, **model_kwargs)  # unknown name / bad weights fail here
 
     # Everything checkable before pruning, for every device.
@@ -401,18 +395,6 @@ def _kept_summary(out: Path, replacing: set[str]) -> list[dict[str, Any]]:
             and (out / str(e.get("device_key"))).is_dir()]
 
 
-def _input_shape(model_name: str, input_size: Sequence[int] | int | None) -> tuple[int, ...]:
-    shape = tuple(models.input_shape(model_name))
-    if input_size is None:
-        return shape
-    size = (int(input_size),) * 2 if isinstance(input_size, int) else tuple(int(s) for s in input_size)
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise FleetpruneError(f"--input-size must be H or HxW with positive sizes, got {input_size}")
-    return (shape[0], *size)
-
-
 def _prune_one(
     model_name: str,
     dense: nn.Module,
@@ -470,6 +452,7 @@ def _prune_one(
         "measured_ms": measured,
         "measured_error": None if measured is None else (result.predicted_ms - measured) / measured,
         "measured_as": "batch norms folded into the convs (torch.fx), eval mode" if folded else "as given, eval mode",
+        "measured_statistic": (protocol or table_protocol(job.table)).statistic if measured is not None else None,
         "solver_time_s": result.solver_time_s,
         "widths": widths,
         "dense_widths": plan.dense_widths(),
@@ -514,10 +497,10 @@ def _measure(model: nn.Module, full_shape: tuple[int, ...], job: _Job, protocol:
     from fleetprune.profiler import measure_model
 
     # measure_model folds batch norms into the convs (fold_bn=True), as the table prices them
-    protocol = protocol if protocol is not None else _table_protocol(job.table)
+    protocol = protocol if protocol is not None else table_protocol(job.table)
     m = measure_model(model, full_shape, job.local, job.setting.dtype, job.setting.memory_format, protocol,
                       fold_bn=True)
-    return float(m.median_ms)
+    return protocol.latency(m)
 
 
 # ------------------------------------------------------------------------------------------- load

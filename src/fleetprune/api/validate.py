@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from fleetprune import models
+from fleetprune.api._common import table_protocol
 from fleetprune.errors import DeviceError, FleetpruneError, MissingConfigsError, TableError
 from fleetprune.profiler import DeviceInfo, TimingProtocol, local_devices, measure_model
 from fleetprune.pruner.export import shrink_to_widths
@@ -104,6 +105,7 @@ class ValidationSummary:
     raw: dict[str, float] = field(default_factory=dict)
     correction: dict[str, Any] | None = None
     correction_stored: bool = False
+    correction_note: str = ""
     held_out_before: dict[str, float] | None = None
     after: dict[str, float] | None = None
     path: str = ""
@@ -353,7 +355,7 @@ def validate(
     if missing:
         raise _missing(table, missing, model_name, tables, None if model_factory else d.input_shape)
     if protocol is None:
-        protocol = _table_protocol(table)
+        protocol = table_protocol(table)
     lm = LatencyModel(d.plan, table)
     x = example_input(d.input_shape, batch=batch, memory_format="nchw")
     full_shape = (batch, *d.input_shape)
@@ -380,7 +382,10 @@ def validate(
             "dense": i == 0,
             "calibration": bool(fit and d.calibration > 0 and i <= d.calibration),
             "layer_sum_ms": lm.layer_sum(widths),
-            "measured_ms": float(m.median_ms),
+            "measured_ms": protocol.latency(m),
+            "statistic": protocol.statistic,
+            "measured_min_ms": float(m.min_ms),
+            "measured_median_ms": float(m.median_ms),
             "measured_p10_ms": float(m.p10_ms),
             "measured_p90_ms": float(m.p90_ms),
             "widths": json.dumps({k: int(v) for k, v in widths.items()}, sort_keys=True),
@@ -389,8 +394,8 @@ def validate(
             "memory_format": memory_format,
             "measured_at": datetime.now(timezone.utc),
         })
-        log.info("%s variant %d: layer sum %.4g ms, measured %.4g ms", model_name, i, rows[-1]["layer_sum_ms"],
-                 m.median_ms)
+        log.info("%s variant %d: layer sum %.4g ms, measured %.4g ms (%s)", model_name, i,
+                 rows[-1]["layer_sum_ms"], rows[-1]["measured_ms"], protocol.statistic)
         if progress:
             progress(i + 1, len(d.widths))
 
@@ -430,23 +435,25 @@ def validate(
         summary.correction = corr
         summary.held_out_before = fidelity([r["predicted_ms"] for r in held], [r["measured_ms"] for r in held])
         summary.after = fidelity([r["corrected_ms"] for r in held], [r["measured_ms"] for r in held])
-        if corr["a"] > 0:
-            store.set_correction(device, corr, provenance=table.provenance)
-            summary.correction_stored = True
-            log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms", device, corr["a"], corr["b"])
-        else:
+        err_before = summary.held_out_before["median_abs_error"]
+        err_after = summary.after["median_abs_error"]
+        if corr["a"] <= 0:
             # A slope <= 0 would make the pruner's latency model fall as layers grow: never store it.
+            summary.correction_note = f"not stored: the fitted slope a={corr['a']:.4g} is not positive"
             log.warning("%s: the fitted slope a=%.4g is not positive, so the correction is not stored; the "
                         "end-to-end measurements are too noisy to calibrate (rerun on a quiet machine)",
                         device, corr["a"])
+        elif held and err_after > err_before:
+            # The table (+ the dense model's fixed part) already predicts the held-out networks
+            # better than the fit does: storing it would make the pruner's predictions worse.
+            summary.correction_note = (f"not stored: it raises the held-out median |error| from "
+                                       f"{100 * err_before:.2f}% to {100 * err_after:.2f}%")
+            log.warning("%s: the correction is not stored: on the held-out networks it raises the median "
+                        "|error| from %.2f%% to %.2f%%", device, 100 * err_before, 100 * err_after)
+        else:
+            store.set_correction(device, corr, provenance=table.provenance)
+            summary.correction_stored = True
+            summary.correction_note = "stored in the table"
+            log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms", device, corr["a"], corr["b"])
     summary.path = store.append_validation(rows, provenance=table.provenance)
     return summary
-
-
-def _table_protocol(table: LatencyTable) -> TimingProtocol:
-    """The timing protocol the table was profiled with, or the default one."""
-    raw = table.provenance.get("timing_protocol")
-    protocol = TimingProtocol.from_dict(raw)
-    if protocol is None and raw is not None:
-        log.warning("ignoring the table's timing protocol %r", raw)
-    return protocol or TimingProtocol()

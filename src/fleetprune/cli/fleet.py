@@ -17,6 +17,27 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
                    help="threads each CPU node is measured with (default: all of the node's CPUs)")
 
 
+def input_size(text: str | None) -> tuple[int, int] | None:
+    """``--input-size``: ``"64"`` or ``"64x48"`` as (H, W); None stays None.
+
+    Raises:
+        FleetpruneError: not one or two positive whole numbers.
+    """
+    from fleetprune.errors import FleetpruneError
+
+    if text is None:
+        return None
+    try:
+        size = tuple(int(s) for s in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise FleetpruneError(f"--input-size must be H or HxW with positive sizes (e.g. 64 or 64x48), got {text!r}")
+    return size[0], size[1]
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

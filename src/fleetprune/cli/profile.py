@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from fleetprune.cli.fleet import add_cluster_options, positive_int
+from fleetprune.cli.fleet import add_cluster_options, input_size, positive_int
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 MEMORY_FORMAT_CHOICES = ("nchw", "nhwc")
@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="memory format (default nhwc: channels_last)")
     p.add_argument("--round-to", type=positive_int, metavar="N",
                    help="channel alignment of width choices (default 16 for fp32, 8 for fp16/bf16)")
+    p.add_argument("--input-size", metavar="H[xW]",
+                   help="input size instead of the model's default (e.g. 64); prune with the same")
+    p.add_argument("--num-classes", type=positive_int, metavar="N",
+                   help="classifier outputs, if not the model's default; prune with the same")
+    p.add_argument("--max-choices", type=positive_int, default=32, metavar="N",
+                   help="most width choices per channel group (default 32); prune with the same")
     p.add_argument("--tables", default="tables", metavar="ROOT",
                    help="table root: a folder or a pyarrow filesystem URI (default: ./tables)")
     p.add_argument("--devices", default="all", metavar="TYPES",
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = profile(
             args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
-            round_to=args.round_to, tables=args.tables, devices=args.devices, ray_address=args.ray_address,
+            round_to=args.round_to, input_size=input_size(args.input_size), num_classes=args.num_classes,
+            max_choices=args.max_choices, tables=args.tables, devices=args.devices, ray_address=args.ray_address,
             threads=args.threads, quick=args.quick, backend=_backend(args.backend), chunk_size=args.chunk_size,
             progress=bars,
         )

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from fleetprune.cli.fleet import input_size
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``prune`` verb to the ``fleetprune`` parser."""
@@ -51,22 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _input_size(text: str | None) -> tuple[int, int] | None:
-    from fleetprune.errors import FleetpruneError
-
-    if not text:
-        return None
-    try:
-        parts = [int(s) for s in text.lower().split("x")]
-    except ValueError:
-        raise FleetpruneError(f"--input-size must be H or HxW, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2:
-        raise FleetpruneError(f"--input-size must be H or HxW, got {text!r}")
-    return parts[0], parts[1]
-
-
 def _fmt(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.3f} ms"
 
@@ -100,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = prune(
         args.model, tables=args.tables, devices=args.device, budget=args.budget, out=args.out, steps=args.steps,
-        weights=args.weights, num_classes=args.num_classes, input_size=_input_size(args.input_size),
+        weights=args.weights, num_classes=args.num_classes, input_size=input_size(args.input_size),
         method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
         memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
         overwrite=args.overwrite,

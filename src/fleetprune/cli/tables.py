@@ -106,15 +106,16 @@ def _show(args: argparse.Namespace) -> int:
         [
             r.op, f"{r.kh}x{r.kw}", f"{r.sh}x{r.sw}", f"{r.ph}x{r.pw}", str(r.dilation), str(r.groups),
             f"{r.in_h}x{r.in_w}", str(r.batch), r.dtype, r.memory_format, r.act, str(r.cin), str(r.cout),
-            _ms(r.lat_ms_median), _ms(r.lat_ms_p10), _ms(r.lat_ms_p90), str(r.n_samples),
+            _ms(r.lat_ms), _ms(r.lat_ms_min), _ms(r.lat_ms_median), _ms(r.lat_ms_p10), _ms(r.lat_ms_p90),
+            str(r.n_samples),
             "noisy" if r.noisy else "", r.measured_at.strftime("%Y-%m-%d %H:%M:%S"),
         ]
         for r in shown.itertuples(index=False)
     ]
     header = ["OP", "K", "S", "P", "D", "G", "IN", "BATCH", "DTYPE", "FMT", "ACT", "CIN", "COUT",
-              "MEDIAN_MS", "P10_MS", "P90_MS", "N", "NOISY", "MEASURED UTC"]
+              "LAT_MS", "MIN_MS", "MEDIAN_MS", "P10_MS", "P90_MS", "N", "NOISY", "MEASURED UTC"]
     if rows:
-        print(_grid(header, rows, right={4, 5, 7, 11, 12, 13, 14, 15, 16}))
+        print(_grid(header, rows, right={4, 5, 7, *range(11, 19)}))
     more = "" if len(shown) == total else " (--limit 0 shows all)"
     print(f"{table.device_key}: {len(shown)} of {total} matching rows shown ({len(table)} in the table){more}")
     return 0
@@ -151,8 +152,8 @@ def _diff(args: argparse.Namespace) -> int:
     fb = b.frame.set_index("key")
     common = fa.index.intersection(fb.index)
     joined = fa.loc[common].sort_values(_CONFIG_ORDER, kind="stable")
-    ms_a = joined["lat_ms_median"].to_numpy(float)
-    ms_b = fb.loc[joined.index, "lat_ms_median"].to_numpy(float)
+    ms_a = joined["lat_ms"].to_numpy(float)
+    ms_b = fb.loc[joined.index, "lat_ms"].to_numpy(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = ms_b / ms_a
     order = np.argsort(ratio, kind="stable") if args.sort == "ratio" else np.arange(len(ratio))

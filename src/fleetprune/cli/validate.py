@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
-from fleetprune.errors import FleetpruneError
+from fleetprune.cli.fleet import input_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,19 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_input_size(text: str | None, model_name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
     """``"64"`` or ``"64x48"`` as a ``(C, H, W)`` input shape with the model's channels; None stays None."""
-    if text is None:
+    size = input_size(text)
+    if size is None:
         return None
     from fleetprune import models
 
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        size = tuple(int(s) for s in parts)
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise FleetpruneError(f"--input-size must be H or HxW with positive sizes, got {text!r}")
     channels = (shape or models.input_shape(model_name))[0]
     return (channels, *size)
 
@@ -104,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         c = s.correction
         print(f"fitted on the dense model + {c['n'] - 1} variants: measured = {c['a']:.4f} * layer_sum "
               f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms "
-              + ("(stored in the table)" if s.correction_stored else "(NOT stored: the slope is not positive)"))
+              + f"({s.correction_note})")
         print(line("  held out, before", s.held_out_before))
         print(line("  held out, corrected", s.after))
     print(f"rows written to {s.path}")

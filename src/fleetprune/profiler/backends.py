@@ -101,7 +101,7 @@ class FakeTimingBackend:
         self.calls = 0
 
     def latency_ms(self, config: LayerConfig) -> float:
-        """The fake median latency of ``config``."""
+        """The fake latency of ``config`` (its minimum and median alike)."""
         step = self.STEP
         cin = math.ceil(config.cin / step) * step
         cout = math.ceil(config.cout / step) * step
@@ -119,7 +119,7 @@ class FakeTimingBackend:
         if self.cost_s:
             time.sleep(self.cost_s)
         lat = self.latency_ms(config)
-        return Measurement(median_ms=lat, p10_ms=lat * 0.99, p90_ms=lat * 1.01, n=15)
+        return Measurement(median_ms=lat, p10_ms=lat, p90_ms=lat * 1.01, n=15, min_ms=lat)
 
     def __repr__(self) -> str:
         return f"FakeTimingBackend({self.device.key!r}, cost_s={self.cost_s}, speed={self.speed})"

@@ -40,9 +40,9 @@ def measure_model(
         fold_bn: fold every conv/linear + BatchNorm pair into the conv first, as deployment engines
             do and as the layer tables are measured; a model torch.fx cannot trace runs unfolded
             (logged).
-        rounds: time the network this many times and keep the round with the lowest median.
-            Interference from other work on a shared machine only ever adds time, so the lowest
-            median is the least disturbed one.
+        rounds: time the network this many times and keep the round with the lowest latency (the
+            protocol's statistic). Interference from other work on a shared machine only ever adds
+            time, so the lowest is the least disturbed one.
 
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
@@ -76,7 +76,7 @@ def measure_model(
         with torch.inference_mode():
             net(x)  # fail here, with a clear error, rather than inside the timer
             runs = [time_callable(lambda: net(x), device, protocol) for _ in range(max(1, int(rounds)))]
-            return min(runs, key=lambda m: m.median_ms)
+            return min(runs, key=protocol.latency)
     except torch.cuda.OutOfMemoryError as exc:
         raise ProfileError(f"{what}: does not fit the memory of {device.key}: {exc}") from exc
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:

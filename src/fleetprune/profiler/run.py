@@ -9,7 +9,6 @@ import time
 from typing import Iterable, Iterator
 
 from fleetprune.profiler.backends import TimingBackend
-from fleetprune.profiler.timing import Measurement
 from fleetprune.tables.config import LayerConfig
 from fleetprune.tables.schema import make_row
 
@@ -29,8 +28,9 @@ def profile_configs(
 
     The order is shuffled with ``seed`` so that drift over the run (thermals, other load) is not
     confounded with channel count. Duplicate configurations are measured once. A measurement whose
-    (p90 - p10) / median exceeds the noise limit is measured again once; the measurement with the
-    smaller spread is kept and the row is flagged ``noisy`` if that one still exceeds the limit.
+    noise figure (:meth:`Measurement.noise` for the protocol's statistic) exceeds the noise limit is
+    measured again once; the better of the two is kept (:meth:`Measurement.combine`) and the row is
+    flagged ``noisy`` if that one still exceeds the limit.
     Rows are yielded as they are measured, so a caller can stream them to a table.
 
     Args:
@@ -41,9 +41,10 @@ def profile_configs(
     """
     unique = list(dict.fromkeys(configs))
     random.Random(seed).shuffle(unique)
+    protocol = getattr(backend, "protocol", None)
     if noise_limit is None:
-        protocol = getattr(backend, "protocol", None)
         noise_limit = getattr(protocol, "noise_limit", DEFAULT_NOISE_LIMIT)
+    statistic = getattr(protocol, "statistic", "min")
     device_key = backend.device.key
     started = time.perf_counter()
     noisy_count = 0
@@ -51,23 +52,20 @@ def profile_configs(
     for i, config in enumerate(unique, 1):
         measured_at = dt.datetime.now(dt.timezone.utc)
         best = backend.measure(config)
-        if best.spread > noise_limit:
+        if best.noise(statistic) > noise_limit:
             again = backend.measure(config)
-            log.debug("%s: spread %.1f%% > %.0f%%, re-measured: %.1f%%",
-                      config.key, 100 * best.spread, 100 * noise_limit, 100 * again.spread)
-            best = _better(best, again)
-        noisy = best.spread > noise_limit
+            log.debug("%s: noise %.1f%% > %.0f%%, re-measured: %.1f%%", config.key,
+                      100 * best.noise(statistic), 100 * noise_limit, 100 * again.noise(statistic))
+            best = best.combine(again, statistic)
+        noisy = best.noise(statistic) > noise_limit
         noisy_count += noisy
         if noisy:
-            log.warning("%s on %s stays noisy after a re-measure (spread %.1f%%)",
-                        config.key, device_key, 100 * best.spread)
+            log.warning("%s on %s stays noisy after a re-measure (%s noise %.1f%%)",
+                        config.key, device_key, statistic, 100 * best.noise(statistic))
         yield make_row(config, device_key, best.median_ms, best.p10_ms, best.p90_ms, best.n,
-                       noisy=noisy, measured_at=measured_at)
+                       noisy=noisy, measured_at=measured_at, minimum=best.min_ms,
+                       latency=best.latency(statistic))
         if i % 50 == 0 or i == len(unique):
             elapsed = time.perf_counter() - started
             log.info("%s: %d/%d configurations, %.2f per second, %d noisy",
                      device_key, i, len(unique), i / max(elapsed, 1e-9), noisy_count)
-
-
-def _better(a: Measurement, b: Measurement) -> Measurement:
-    return b if b.spread < a.spread else a

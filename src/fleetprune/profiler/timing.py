@@ -8,7 +8,11 @@ in again on the next call, which adds 50-60% and makes numbers differ between pr
 CUDA: CUDA events around ``R`` back-to-back calls (R chosen so one timed block lasts at least
 ``block_ms``), ``cudnn.benchmark`` on, one synchronize after all blocks.
 
-Both report the median and the 10th/90th percentiles of the per-call times of the timed blocks.
+Both report the minimum, the median and the 10th/90th percentiles of the per-call times of the
+timed blocks. A table's latency is one of them, the protocol's ``statistic``: ``min`` by default.
+On a shared machine interference from other work only ever adds time, so the fastest block is the
+undisturbed cost: on our 2-vCPU VM (1 thread) per-configuration minima of two processes differ by a
+median 3%, medians by 23% (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ ALLOCATOR_ENV: dict[str, str] = {
 
 _allocator_tuned_inprocess = False
 
+STATISTICS = ("min", "median")
+"""The per-call figures a protocol may name as the latency."""
+
 
 @dataclass(frozen=True)
 class TimingProtocol:
@@ -54,12 +61,14 @@ class TimingProtocol:
             allocator, clocks).
         min_run_time_s: minimum total timed time per configuration.
         repeats: minimum number of timed samples (blocks); raised run time if needed to reach it.
-        noise_limit: a measurement whose (p90 - p10) / median exceeds this is re-measured once and
-            then flagged noisy.
+        noise_limit: a measurement whose noise figure (:meth:`Measurement.noise`) exceeds this is
+            re-measured once and then flagged noisy.
         warmup_iters: minimum number of warm-up calls (on top of ``warmup_ms``).
         block_ms: CUDA only: minimum duration of one timed block of back-to-back launches, so short
             kernels are not dominated by event resolution. (CPU blocks last about
             ``min_run_time_s / (2 * repeats)``.)
+        statistic: which per-call figure is the latency: ``min`` (the fastest timed block; the
+            default, robust to interference) or ``median``.
     """
 
     warmup_ms: float = 50.0
@@ -68,8 +77,11 @@ class TimingProtocol:
     noise_limit: float = 0.10
     warmup_iters: int = 10
     block_ms: float = 1.0
+    statistic: str = "min"
 
     def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, not {self.statistic!r}")
         if self.warmup_ms < 0 or self.min_run_time_s <= 0 or self.block_ms <= 0:
             raise ValueError("warmup_ms must be >= 0, min_run_time_s and block_ms > 0")
         if self.repeats < 1 or self.warmup_iters < 0:
@@ -82,17 +94,26 @@ class TimingProtocol:
         """A fast protocol for tests and smoke runs (numbers are rough; never for real tables)."""
         return cls(warmup_ms=2.0, min_run_time_s=0.02, repeats=5, warmup_iters=2, block_ms=0.2)
 
+    def latency(self, measurement: "Measurement") -> float:
+        """The figure of ``measurement`` this protocol calls the latency (ms per call)."""
+        return measurement.latency(self.statistic)
+
     def to_dict(self) -> dict[str, Any]:
         """The protocol as a JSON-ready dict (stored in table provenance)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TimingProtocol | None":
-        """The protocol a table's provenance recorded (unknown keys ignored), or None if unusable."""
+        """The protocol a table's provenance recorded (unknown keys ignored), or None if unusable.
+
+        A protocol recorded without a ``statistic`` (schema version 1 tables) used the median.
+        """
         if not isinstance(raw, Mapping):
             return None
         try:
-            return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+            fields = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+            fields.setdefault("statistic", "median")
+            return cls(**fields)
         except (TypeError, ValueError):
             return None
 
@@ -104,12 +125,26 @@ class Measurement:
     Attributes:
         median_ms, p10_ms, p90_ms: statistics over the timed samples.
         n: number of timed samples (blocks), not the number of calls.
+        min_ms: the fastest timed sample (defaults to ``p10_ms`` where only percentiles are known).
     """
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     n: int
+    min_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_ms is None:
+            object.__setattr__(self, "min_ms", self.p10_ms)
+
+    def latency(self, statistic: str = "min") -> float:
+        """The per-call figure named by ``statistic`` (``min`` or ``median``), in ms."""
+        if statistic == "min":
+            return float(self.min_ms)
+        if statistic == "median":
+            return float(self.median_ms)
+        raise ValueError(f"statistic must be one of {STATISTICS}, not {statistic!r}")
 
     @property
     def spread(self) -> float:
@@ -117,6 +152,24 @@ class Measurement:
         if self.median_ms <= 0:
             return math.inf
         return (self.p90_ms - self.p10_ms) / self.median_ms
+
+    def noise(self, statistic: str = "min") -> float:
+        """How far to trust the figure ``statistic`` names: for ``min``, (p10 - min) / min, i.e.
+        whether other blocks come near the fastest one (a lone fast block is suspect); for
+        ``median``, :attr:`spread`."""
+        if statistic == "median":
+            return self.spread
+        if not self.min_ms or self.min_ms <= 0:
+            return math.inf
+        return (self.p10_ms - self.min_ms) / self.min_ms
+
+    def combine(self, other: "Measurement", statistic: str = "min") -> "Measurement":
+        """The better of two measurements of the same thing: the lower minimum under ``min``
+        (more blocks only bring the minimum closer to the undisturbed cost), the smaller spread
+        under ``median``."""
+        if statistic == "median":
+            return other if other.spread < self.spread else self
+        return other if other.min_ms < self.min_ms else self
 
     @classmethod
     def from_samples(cls, samples_ms: list[float]) -> "Measurement":
@@ -129,6 +182,7 @@ class Measurement:
             p10_ms=_percentile(values, 10.0),
             p90_ms=_percentile(values, 90.0),
             n=len(values),
+            min_ms=values[0],
         )
 
 

@@ -213,11 +213,11 @@ def staircase_plot(tables: dict[str, pd.DataFrame], family: Family, colors: dict
         cout = rows["cout"].to_numpy()
         ax.fill_between(cout, rows["lat_ms_p10"], rows["lat_ms_p90"], step="mid",
                         color=colors[device], alpha=0.2, label="p10–p90")
-        ax.step(cout, rows["lat_ms_median"], where="mid", color=colors[device], label="median")
-        ax.plot(cout, rows["lat_ms_median"], linestyle="none", marker=".", color=colors[device])
+        ax.step(cout, rows["lat_ms"], where="mid", color=colors[device], label="latency")
+        ax.plot(cout, rows["lat_ms"], linestyle="none", marker=".", color=colors[device])
         if "noisy" in rows.columns and rows["noisy"].any():
             noisy = rows[rows["noisy"].astype(bool)]
-            ax.plot(noisy["cout"], noisy["lat_ms_median"], linestyle="none", marker="x",
+            ax.plot(noisy["cout"], noisy["lat_ms"], linestyle="none", marker="x",
                     color="black", label="noisy")
         ax.set_title(device, fontsize=10)
         ax.set_ylabel("latency (ms)")
@@ -242,11 +242,11 @@ def _slug(text: str) -> str:
 
 def ratio_plot(a: str, frame_a: pd.DataFrame, b: str, frame_b: pd.DataFrame) -> Plot | None:
     """Latency ratio a/b over the configurations both devices measured (None if there are none)."""
-    both = frame_a[["key", "lat_ms_median"]].merge(frame_b[["key", "lat_ms_median"]], on="key", suffixes=("_a", "_b"))
-    both = both[(both["lat_ms_median_a"] > 0) & (both["lat_ms_median_b"] > 0)]
+    both = frame_a[["key", "lat_ms"]].merge(frame_b[["key", "lat_ms"]], on="key", suffixes=("_a", "_b"))
+    both = both[(both["lat_ms_a"] > 0) & (both["lat_ms_b"] > 0)]
     if both.empty:
         return None
-    ratio = (both["lat_ms_median_a"] / both["lat_ms_median_b"]).to_numpy()
+    ratio = (both["lat_ms_a"] / both["lat_ms_b"]).to_numpy()
     fig = _figure(1000, 420)
     hist, scatter = fig.subplots(1, 2)
     bins = np.geomspace(ratio.min(), ratio.max(), 30) if ratio.max() > ratio.min() else 10
@@ -258,7 +258,7 @@ def ratio_plot(a: str, frame_a: pd.DataFrame, b: str, frame_b: pd.DataFrame) -> 
     hist.set_xlabel(f"latency ratio {a} / {b}")
     hist.set_ylabel("configurations")
     hist.legend(fontsize=8)
-    scatter.scatter(both["lat_ms_median_b"], both["lat_ms_median_a"], s=8, alpha=0.6)
+    scatter.scatter(both["lat_ms_b"], both["lat_ms_a"], s=8, alpha=0.6)
     _log(scatter)
     scatter.set_xlabel(f"{b} latency (ms)")
     scatter.set_ylabel(f"{a} latency (ms)")

@@ -1,7 +1,10 @@
 """What one table row holds, as an Arrow schema, and how provenance rides in the file metadata.
 
 A row is a :class:`LayerConfig` (its columns plus ``key``), the device key, the latency
-statistics and when it was measured. Everything that is the same for a whole part file (device
+statistics and when it was measured. ``lat_ms`` is the row's latency, the figure lookups use: the
+statistic the timing protocol names (``min`` by default, see ``profiler.timing``); ``lat_ms_min``,
+``lat_ms_median`` and the percentiles stand beside it. Version 1 files had no ``lat_ms`` and
+``lat_ms_min``; they read as ``lat_ms = lat_ms_median`` and an unknown minimum. Everything that is the same for a whole part file (device
 name and fingerprint, library versions, threads, timing protocol, schema version, an optional
 calibration) is one JSON dict stored in the Parquet schema metadata under ``fleetprune``.
 """
@@ -20,7 +23,7 @@ from fleetprune.errors import TableError
 from fleetprune.tables.config import CONFIG_COLUMNS, LayerConfig
 
 # Bump when a column is added, removed or changes meaning; readers refuse newer versions.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The schema-metadata key that holds the provenance JSON.
 METADATA_KEY = b"fleetprune"
@@ -35,6 +38,8 @@ ROW_SCHEMA = pa.schema(
     + [
         pa.field("key", pa.string()),
         pa.field("device_key", pa.string()),
+        pa.field("lat_ms", pa.float64()),
+        pa.field("lat_ms_min", pa.float64()),
         pa.field("lat_ms_median", pa.float64()),
         pa.field("lat_ms_p10", pa.float64()),
         pa.field("lat_ms_p90", pa.float64()),
@@ -81,10 +86,14 @@ def make_row(
     n: int,
     noisy: bool = False,
     measured_at: _dt.datetime | None = None,
+    minimum: float | None = None,
+    latency: float | None = None,
 ) -> dict[str, Any]:
     """One table row for ``config`` measured on ``device_key``.
 
-    Latencies are milliseconds. ``measured_at`` defaults to now; a naive datetime is taken as UTC.
+    Latencies are milliseconds. ``latency`` is the figure lookups use (default: the median; the
+    profiler passes its protocol's statistic); ``minimum`` the fastest timed sample (None: unknown).
+    ``measured_at`` defaults to now; a naive datetime is taken as UTC.
     The numbers are stored as given (``validate`` flags NaN, negative or unordered percentiles) so a
     writer never silently drops a measurement.
     """
@@ -95,6 +104,8 @@ def make_row(
     row = config.to_row()
     row.update(
         device_key=device_key,
+        lat_ms=float(median if latency is None else latency),
+        lat_ms_min=None if minimum is None else float(minimum),
         lat_ms_median=float(median),
         lat_ms_p10=float(p10),
         lat_ms_p90=float(p90),
@@ -153,13 +164,23 @@ def read_provenance(schema: pa.Schema) -> dict[str, Any] | None:
     return prov
 
 
-def latency_defects(median: float, p10: float, p90: float) -> list[tuple[str, str]]:
-    """The (kind, detail) defects of one row's latency numbers; empty when the row is sound."""
+def latency_defects(
+    median: float, p10: float, p90: float, latency: float | None = None, minimum: float | None = None
+) -> list[tuple[str, str]]:
+    """The (kind, detail) defects of one row's latency numbers; empty when the row is sound.
+
+    ``latency`` None means "the median" (a version 1 row); ``minimum`` None means unknown.
+    """
     out: list[tuple[str, str]] = []
-    values = {"median": median, "p10": p10, "p90": p90}
+    values = {"latency": median if latency is None else latency, "median": median, "p10": p10, "p90": p90}
+    if minimum is not None:
+        values["min"] = minimum
     bad = {k: v for k, v in values.items() if v is None or not math.isfinite(v) or v < 0}
     if bad:
         out.append(("bad_latency", ", ".join(f"{k}={v}" for k, v in bad.items())))
-    elif not (p10 <= median <= p90):
-        out.append(("bad_percentiles", f"p10={p10:.6g} median={median:.6g} p90={p90:.6g}"))
+    elif not (p10 <= median <= p90) or (minimum is not None and minimum > p10):
+        shown = f"p10={p10:.6g} median={median:.6g} p90={p90:.6g}"
+        if minimum is not None:
+            shown = f"min={minimum:.6g} " + shown
+        out.append(("bad_percentiles", shown))
     return out

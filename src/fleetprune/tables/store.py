@@ -251,7 +251,7 @@ class TableStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def read(self, device_key: str) -> LatencyTable:
-        """The latency table of ``device_key``: the newest row per key, rows with an unusable median
+        """The latency table of ``device_key``: the newest row per key, rows with an unusable latency
         (NaN, infinite, negative) left out with a warning.
 
         Raises:
@@ -401,6 +401,10 @@ class TableStore:
             raise _BadPart("corrupt", f"unreadable Parquet ({exc})") from None
         if "device_key" not in table.column_names:
             table = table.append_column("device_key", pa.array([device_key] * table.num_rows, pa.string()))
+        if version < 2 and "lat_ms_median" in table.column_names:
+            # Version 1 rows: the median was the latency; the minimum was not kept.
+            table = table.append_column("lat_ms", table.column("lat_ms_median"))
+            table = table.append_column("lat_ms_min", pa.nulls(table.num_rows, pa.float64()))
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             raise _BadPart("corrupt", f"lacks the columns {missing}")
@@ -531,11 +535,11 @@ def _assemble(device_key: str, parts: list[_Part], *, warn: bool) -> tuple[pd.Da
     frame["device_key"] = device_key
     frame["_file"] = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables]) if tables else []
     frame["_row"] = np.arange(len(frame))
-    median = frame["lat_ms_median"].to_numpy(dtype=float, na_value=np.nan)
-    usable = np.isfinite(median) & (median >= 0)
+    latency = frame["lat_ms"].to_numpy(dtype=float, na_value=np.nan)
+    usable = np.isfinite(latency) & (latency >= 0)
     if not usable.all() and warn:
         log.warning(
-            "device %s: ignoring %d rows with a NaN, infinite or negative median; they count as not "
+            "device %s: ignoring %d rows with a NaN, infinite or negative latency; they count as not "
             "measured (run `fleetprune tables validate` to see them)",
             device_key,
             int((~usable).sum()),
@@ -569,10 +573,11 @@ def _row_defects(device_key: str, shown: str, table: pa.Table) -> Iterable[Defec
         detail = f"{len(dups)} keys repeated in one file: {_examples(listed, len(listed))}"
         yield Defect(device_key, shown, "duplicate_key", detail)
     found: dict[str, list[str]] = {}
-    cols = {c: table.column(c).to_pylist() for c in ("lat_ms_median", "lat_ms_p10", "lat_ms_p90", "device_key")}
+    names = ("lat_ms_median", "lat_ms_p10", "lat_ms_p90", "lat_ms", "lat_ms_min", "device_key")
+    cols = {c: table.column(c).to_pylist() for c in names}
     records = table.select(list(CONFIG_COLUMNS)).to_pylist()
     for i, key in enumerate(keys):
-        numbers = (cols["lat_ms_median"][i], cols["lat_ms_p10"][i], cols["lat_ms_p90"][i])
+        numbers = [cols[c][i] for c in names[:-1]]
         for kind, detail in latency_defects(*numbers):
             found.setdefault(kind, []).append(f"{key} ({detail})")
         try:

@@ -1,4 +1,4 @@
-"""One device's latency table in memory: exact, fast lookups of a layer configuration's median."""
+"""One device's latency table in memory: exact, fast lookups of a layer configuration's latency."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class LatencyTable:
     """The measured layer latencies of one device, keyed by :attr:`LayerConfig.key`.
 
     Built by :meth:`TableStore.read`, which has already kept only the newest row per key. Lookups
-    go through a plain dict from key to median so a pruner can call them many thousands of times.
+    go through a plain dict from key to latency (the ``lat_ms`` column) so a pruner can call them many thousands of times.
 
     Attributes:
         device_key: the device the rows were measured on.
@@ -45,26 +45,26 @@ class LatencyTable:
         self.frame = frame.reset_index(drop=True)
         self.root = root
         # dict(zip(...)) keeps the last of duplicate keys, matching the store's newest-wins order.
-        self._median: dict[str, float] = dict(
-            zip(self.frame["key"].tolist(), self.frame["lat_ms_median"].astype(float).tolist())
+        self._latency: dict[str, float] = dict(
+            zip(self.frame["key"].tolist(), self.frame["lat_ms"].astype(float).tolist())
         )
 
     def __len__(self) -> int:
-        return len(self._median)
+        return len(self._latency)
 
     def __contains__(self, item: object) -> bool:
         key = item.key if isinstance(item, LayerConfig) else item
-        return key in self._median
+        return key in self._latency
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._median)
+        return iter(self._latency)
 
     def __repr__(self) -> str:
         return f"LatencyTable({self.device_key!r}, {len(self)} configurations)"
 
     def keys(self) -> list[str]:
         """Every configuration key the table holds."""
-        return list(self._median)
+        return list(self._latency)
 
     def configs(self) -> list[LayerConfig]:
         """Every configuration the table holds, rebuilt from the rows."""
@@ -98,14 +98,14 @@ class LatencyTable:
             MissingConfigsError: the table has no row for ``config``.
         """
         try:
-            return self._median[config.key]
+            return self._latency[config.key]
         except KeyError:
             raise self._missing_error([config]) from None
 
     def lookup_key(self, key: str) -> float:
         """Median latency in ms of the configuration with this key (for callers that cache keys)."""
         try:
-            return self._median[key]
+            return self._latency[key]
         except KeyError:
             raise MissingConfigsError(
                 f"device {self.device_key} has no measurement for {key}", [key]
@@ -118,7 +118,7 @@ class LatencyTable:
             MissingConfigsError: naming every configuration the table lacks (not just the first).
         """
         configs = list(configs)
-        get = self._median.get
+        get = self._latency.get
         values = [get(c.key) for c in configs]
         if None in values:
             raise self._missing_error([c for c, v in zip(configs, values) if v is None])
@@ -130,7 +130,7 @@ class LatencyTable:
         out = []
         for c in configs:
             k = c.key
-            if k not in self._median and k not in seen:
+            if k not in self._latency and k not in seen:
                 seen.add(k)
                 out.append(c)
         return out
