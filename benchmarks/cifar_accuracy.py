@@ -21,11 +21,14 @@ Choices made here (printed in the header of every run):
   BENCHMARKS.md). round_to 8 (not the fp32 default 16): at 16 every 16-wide group (the stem and all
   of stage 1, a third of a CIFAR ResNet's MACs) has a single choice, which leaves 25% of dense out
   of reach; 8 also matches the 8 fp32 lanes of AVX2. Every method prunes from this one table.
-* Budget and latency model: the dense model is measured once here (BN folded, the table's
-  protocol); fixed part = measured - table rows. Every method gets the same budget in ms and the
-  same latency model: ``prune(measure=False)`` prunes on the table rows to ``budget - fixed``, so
-  its per-call re-measurement of the dense model (whose noise would move each method's fixed part
-  and floor) is not used; this script measures each variant end to end itself, as ``prune`` would.
+* Budget and latency model: the dense and the narrowest network are measured once here (BN folded,
+  the table's protocol) and give ``prune``'s default latency model, the line ``measured = a *
+  layer_sum + b`` through the two (``fleetprune.api.prune.two_point_line``; the offset ``b =
+  dense - rows``, ``a = 1`` if they give no sane line). Every method gets the same budget in ms and
+  the same latency model: ``prune(measure=False)`` prunes on the table rows to ``(budget - b) / a``
+  (the same knapsack, since the line is increasing), so its per-call re-measurement (whose noise
+  would move each method's line and floor) is not used; this script measures each variant end to end
+  itself, as ``prune`` would.
 * Fine-tuning: ``--finetune-epochs`` E per variant, identical for every method. A share
   ``1 - --final-share`` of it is spread over the K steps (constant LR ``--finetune-lr``, one
   optimizer kept across steps, masks enforced), the rest is a final fine-tune of the physically
@@ -238,6 +241,7 @@ def main(argv=None) -> int:
 
     from fleetprune import models
     from fleetprune.api import prune
+    from fleetprune.api.prune import measure_dense, two_point_line
     from fleetprune.api.profile import plan_configs, profile
     from fleetprune.errors import FleetpruneError
     from fleetprune.cluster.local import usable_cpus
@@ -270,20 +274,26 @@ def main(argv=None) -> int:
     tables_root = cache / ("tables" if args.timing == "default" else "tables-quick-timing")
     shape = tuple(models.input_shape(args.model))
 
-    def floor(dense_model, table) -> tuple[float, float, float, float, dict]:
-        """Dense measured, table layer sum, narrowest predicted (fixed part added) and measured, widths."""
-        dense_ms = protocol.latency(measure_model(dense_model, (args.batch, *shape), device, "fp32",
-                                                  args.memory_format, protocol, fold_bn=True))
+    def floor(dense_model, table) -> dict:
+        """The dense and the narrowest network measured here, their layer sums, and the latency line
+        ``a * layer_sum + b`` through them (prune's two-point model; the offset where they give none)."""
+        def e2e(net) -> float:
+            return protocol.latency(measure_model(net, (args.batch, *shape), device, "fp32", args.memory_format,
+                                                  protocol, fold_bn=True))
+
         x = example_input(shape, args.batch, "nchw")
         plan = build_plan(dense_model, x, round_to=args.round_to, dtype="fp32", memory_format=args.memory_format)
         lm = LatencyModel(plan, table)
+        layer_sum = lm.layer_sum()
+        dense_ms = measure_dense(lambda: e2e(dense_model), layer_sum)
         widths = lm.min_widths()
         narrow = shrink_to_widths(copy.deepcopy(dense_model), plan, widths, x)
-        narrow_ms = protocol.latency(measure_model(narrow, (args.batch, *shape), device, "fp32",
-                                                   args.memory_format, protocol, fold_bn=True))
-        layer_sum = lm.layer_sum()
-        fixed = max(0.0, dense_ms - layer_sum)
-        return dense_ms, layer_sum, lm.layer_sum(widths) + fixed, narrow_ms, widths
+        narrow_ms = min(e2e(narrow) for _ in range(2))
+        narrow_sum = lm.layer_sum(widths)
+        line = two_point_line(layer_sum, dense_ms, narrow_sum, narrow_ms)
+        a, b, how = (*line, "two-point line") if line else (1.0, max(0.0, dense_ms - layer_sum), "offset")
+        return {"dense_ms": dense_ms, "layer_sum": layer_sum, "narrow_sum": narrow_sum, "narrow_ms": narrow_ms,
+                "a": a, "b": b, "how": how, "floor_pred": a * narrow_sum + b}
 
     configs = plan_configs(args.model, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
                            round_to=args.round_to)
@@ -344,11 +354,12 @@ def main(argv=None) -> int:
     noisy = int(table.frame["noisy"].sum()) if "noisy" in table.frame else 0
     if noisy:
         print(f"[profile] note: {noisy} of {len(table)} table rows are flagged noisy "
-              f"(spread > {protocol.noise_limit:.0%} after a re-measure): was the machine quiet?")
+              f"({protocol.statistic} noise > {protocol.noise_limit:.0%} after a re-measure): was the machine quiet?")
 
     # -- the latency floor, before any training: a budget below it fails for every method
     t = time.perf_counter()
-    d_ms, rows_ms, n_pred, n_ms, _ = floor(models.create(args.model), table)
+    f0 = floor(models.create(args.model), table)
+    d_ms, rows_ms, n_pred, n_ms = f0["dense_ms"], f0["layer_sum"], f0["floor_pred"], f0["narrow_ms"]
     phases["floor"] = time.perf_counter() - t
     print(f"[floor] dense measured {d_ms:.4f} ms (table rows {rows_ms:.4f} ms); narrowest network (every group at "
           f"its smallest width) predicted {n_pred:.4f} ms = {n_pred / d_ms:.3f} of dense, measured {n_ms:.4f} ms = "
@@ -401,11 +412,13 @@ def main(argv=None) -> int:
 
     # -- dense latency, measured once: every method gets the same budget in ms
     t = time.perf_counter()
-    dense_ms, layer_sum, floor_pred, floor_ms, _ = floor(dense, table)
+    fl = floor(dense, table)
     phases["dense_latency"] = time.perf_counter() - t
-    fixed = max(0.0, dense_ms - layer_sum)
-    print(f"[dense] top-1 {dense_top1:.2%}, measured {dense_ms:.4f} ms (table rows {layer_sum:.4f} ms + fixed "
-          f"{fixed:.4f} ms); narrowest network predicted {floor_pred:.4f} ms ({floor_pred / dense_ms:.3f} of dense), "
+    dense_ms, layer_sum, floor_pred, floor_ms = fl["dense_ms"], fl["layer_sum"], fl["floor_pred"], fl["narrow_ms"]
+    a_fit, b_fit = fl["a"], fl["b"]
+    print(f"[dense] top-1 {dense_top1:.2%}, measured {dense_ms:.4f} ms (table rows {layer_sum:.4f} ms); latency "
+          f"model ({fl['how']}): measured = {a_fit:.4f} * rows {b_fit:+.4f} ms; narrowest network predicted "
+          f"{floor_pred:.4f} ms ({floor_pred / dense_ms:.3f} of dense), "
           f"measured {floor_ms:.4f} ms ({floor_ms / dense_ms:.3f})", flush=True)
     for b in budgets:
         if b * dense_ms < floor_pred:
@@ -430,12 +443,12 @@ def main(argv=None) -> int:
                                           min_lr=args.finetune_lr, seed=args.seed, threads=threads)
 
             try:
-                if budget_ms <= fixed:
-                    raise FleetpruneError(f"budget {budget_ms:.4g} ms is below the fixed part {fixed:.4g} ms")
-                # Rows only (measure=False): the budget handed over is the layers' share of it, with the
-                # one fixed part measured above, so every method prunes against the same latency model.
+                if budget_ms <= b_fit:
+                    raise FleetpruneError(f"budget {budget_ms:.4g} ms is below the fixed part {b_fit:.4g} ms")
+                # Rows only (measure=False): the budget handed over is (budget - b) / a in table rows, the
+                # line measured above, so every method prunes against the same latency model.
                 [res] = prune(args.model, tables=str(tables_root), devices=device.key,
-                              budget=f"{budget_ms - fixed:.6f}ms",
+                              budget=f"{(budget_ms - b_fit) / a_fit:.6f}ms",
                               out=variants_root / f"{method}-{budget:g}", steps=args.steps, weights=str(dense_path),
                               method=method, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
                               round_to=args.round_to,
@@ -466,7 +479,7 @@ def main(argv=None) -> int:
             if res.fixed_ms:
                 print(f"[{method} @ {budget:g}] warning: prune used a fixed part of {res.fixed_ms:.4g} ms "
                       f"({res.fixed_source}); the predicted latency counts it twice")
-            predicted_ms = res.predicted_ms + fixed
+            predicted_ms = a_fit * res.predicted_ms + b_fit
             params, macs = count_params_macs(model, shape)
             row.update(top1=met.top1, test_loss=met.loss, measured_ms=measured_ms, predicted_ms=predicted_ms,
                        predicted_rows_ms=res.predicted_ms, params=params, macs=macs, widths=res.widths,
@@ -480,7 +493,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - wall0
     phases["other"] = max(0.0, wall - sum(phases.values()))
     header = ["model", "budget", "method", "top-1", "measured ms", "predicted ms", "budget ms", "params", "MMACs"]
-    table_rows = [[args.model, "dense", "-", f"{dense_top1:.2%}", f"{dense_ms:.4f}", f"{layer_sum + fixed:.4f}",
+    table_rows = [[args.model, "dense", "-", f"{dense_top1:.2%}", f"{dense_ms:.4f}", f"{a_fit * layer_sum + b_fit:.4f}",
                    "-", str(dense_params), f"{dense_macs / 1e6:.2f}"]]
     for r in rows:
         if "error" in r:
@@ -492,7 +505,8 @@ def main(argv=None) -> int:
                                str(r["params"]), f"{r['macs'] / 1e6:.2f}"])
     print()
     print(_table(header, table_rows))
-    print(f"(predicted = table rows + the fixed part {fixed:.4f} ms = dense measured - dense rows, the same for "
+    print(f"(predicted = {a_fit:.4f} * table rows {b_fit:+.4f} ms ({fl['how']} through the dense and the narrowest "
+          f"network measured here), the same for "
           "every variant; measured = the pruned network, BN folded, end to end here)")
     goals = check_goals(rows, budgets)
     for line in goals["lines"]:
@@ -508,7 +522,8 @@ def main(argv=None) -> int:
                       "round_to": args.round_to, "protocol": protocol.to_dict(),
                       "configs": len(configs), "noisy_rows": noisy},
             "finetune": {"iters_total": ft_total, "iters_per_step": iters_per_step, "final_iters": final_iters},
-            "dense": {"top1": dense_top1, "measured_ms": dense_ms, "layer_sum_ms": layer_sum, "fixed_ms": fixed,
+            "dense": {"top1": dense_top1, "measured_ms": dense_ms, "layer_sum_ms": layer_sum, "fit_a": a_fit, "fit_b_ms": b_fit,
+                      "fit": fl["how"], "narrow_layer_sum_ms": fl["narrow_sum"],
                       "floor_predicted_ms": floor_pred, "floor_measured_ms": floor_ms, "params": dense_params,
                       "macs": dense_macs, "checkpoint": str(dense_path)},
             "variants": rows, "goals": goals, "phases_s": phases, "wall_s": wall, "estimate_s": est,

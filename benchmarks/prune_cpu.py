@@ -6,7 +6,8 @@ the dense model and the exported variant end to end (BN folded) ``--rounds`` tim
 compares their latencies (the protocol's statistic, the minimum by default) with two predictions:
 ``offset`` (the pruner's: variant layer sum + fixed part, fixed = dense measured - dense layer sum)
 and ``scale`` (variant layer sum * dense measured / dense layer sum). Two lines per budget (the
-median and the minimum over the rounds), then the prune's own in-run figures:
+median and the minimum over the rounds), then the prune's own in-run figures with its latency model
+(``--latency-fit``: two-point by default, see ``fleetprune.api.prune``):
 
     .venv/bin/python benchmarks/prune_cpu.py --model resnet56 --batch 16 --budgets 0.7 0.5
     .venv/bin/python benchmarks/prune_cpu.py --model mobilenet_v2 --input-size 64 --budgets 0.7 0.5
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating dense/variant measurements (default 5)")
     p.add_argument("--input-size", type=int, default=None, help="H = W instead of the model's default (e.g. 64)")
     p.add_argument("--statistic", default="min", choices=["min", "median"], help="the protocol's latency statistic")
+    p.add_argument("--latency-fit", default="two-point", choices=["two-point", "offset"],
+                   help="the prune's latency model on this machine (default two-point)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -86,7 +89,8 @@ def main() -> None:
     for budget in args.budgets:
         [r] = prune(args.model, tables=root, devices=device.key, budget=budget, steps=args.steps,
                     out=os.path.join(out, f"b{budget}"), round_to=args.round_to, batch=args.batch,
-                    memory_format=args.memory_format, protocol=protocol, input_size=args.input_size)
+                    memory_format=args.memory_format, protocol=protocol, input_size=args.input_size,
+                    latency_fit=args.latency_fit)
         variant = load_variant(r.folder)
         dense_ms, variant_ms = [], []
         for _ in range(args.rounds):
@@ -105,6 +109,7 @@ def main() -> None:
         print(f"   in-run: dense {r.dense_measured_ms:.3f}, budget {r.budget_ms:.3f}, predicted {r.predicted_ms:.3f}, "
               f"measured {r.measured_ms:.3f} ({r.predicted_ms / r.measured_ms - 1:+.1%}); dense spread "
               f"{min(dense_ms):.3f}-{max(dense_ms):.3f}, variant spread {min(variant_ms):.3f}-{max(variant_ms):.3f}")
+        print(f"   latency model: {r.fixed_source}")
         print("   widths", json.dumps(r.widths))
 
 

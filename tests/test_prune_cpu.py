@@ -14,6 +14,7 @@ import torch
 
 from fleetprune import load_variant
 from fleetprune.api import prune
+from fleetprune.api.prune import FIXED_MEASURED, FIXED_TWO_POINT
 from fleetprune.cli import main
 from fleetprune.profiler import TimingProtocol, cpu_device
 
@@ -21,7 +22,13 @@ from prune_tables import CPU_THREADS, cpu_tables
 
 
 def _check(result, budget_fraction: float, input_shape=(3, 32, 32)) -> None:
-    assert result.fixed_source == "end-to-end measurement of the dense model on this machine"
+    report = result.report
+    assert result.dense_measured_ms is not None and result.dense_measured_ms > 0
+    assert report["latency_fit"] == "two-point" and report["narrow_measured_ms"] > 0
+    if result.fixed_source.startswith(FIXED_TWO_POINT):
+        _check_line(report)
+    else:  # the two points gave no sane line (rough quick-protocol timings): the offset stands
+        assert result.fixed_source == FIXED_MEASURED
     assert result.dense_measured_ms is not None and result.dense_measured_ms > 0
     assert result.measured_ms is not None and result.measured_ms > 0
     assert result.budget_ms == pytest.approx(budget_fraction * result.dense_ms)
@@ -32,19 +39,59 @@ def _check(result, budget_fraction: float, input_shape=(3, 32, 32)) -> None:
     assert y.shape[0] == 2 and torch.isfinite(y).all()
 
 
+def _check_line(report) -> None:
+    """The two-point line a * layer_sum + b passes through both measured networks."""
+    a, b = (float(v.split("=")[1]) for v in report["fixed_source"].rstrip(")").split("(")[1].split(", "))
+    assert report["fixed_ms"] == pytest.approx(b, rel=1e-3, abs=1e-3)
+    assert report["dense_ms"] == pytest.approx(report["dense_measured_ms"], rel=1e-3)
+    assert a * report["narrow_layer_sum_ms"] + report["fixed_ms"] == pytest.approx(report["narrow_measured_ms"], rel=1e-2)
+    assert report["narrow_layer_sum_ms"] < report["dense_layer_sum_ms"]
+
+
 def test_prune_resnet20_for_this_cpu_through_the_cli(tmp_path, capsys):
     # 46 configurations (stage 1 stays dense); batch 8 so that convs, not per-op overhead, dominate
     root = cpu_tables(("resnet20",), batch=8, round_to=16)
     key = cpu_device(CPU_THREADS).key
     rc = main(["prune", "resnet20", "--tables", root, "--device", key, "--budget", "0.8", "--steps", "2",
-               "--round-to", "16", "--quick", "--out", str(tmp_path / "v")])
+               "--round-to", "16", "--quick", "--latency-fit", "offset", "--out", str(tmp_path / "v")])
     assert rc == 0
     report = json.loads((tmp_path / "v" / key / "report.json").read_text())
     assert report["measured_ms"] > 0 and report["dense_measured_ms"] > 0
+    assert report["latency_fit"] == "offset" and report["narrow_measured_ms"] is None
+    assert report["fixed_source"] == FIXED_MEASURED
     assert report["fixed_ms"] == pytest.approx(max(0.0, report["dense_measured_ms"] - report["dense_layer_sum_ms"]))
     assert report["predicted_ms"] <= report["budget_ms"] + 1e-9
     out = capsys.readouterr().out
     assert key in out and f"{report['measured_ms']:.3f} ms" in out
+
+
+def test_the_default_two_point_fit_measures_the_narrowest_network_too(tmp_path):
+    root = cpu_tables(("resnet20",), batch=8, round_to=16)
+    [res] = prune("resnet20", tables=root, devices=cpu_device(CPU_THREADS).key, budget=0.8, out=tmp_path / "v",
+                  steps=2, round_to=16, protocol=TimingProtocol.quick())
+    _check(res, 0.8)
+
+
+def test_an_unknown_latency_fit_is_refused(tmp_path):
+    from fleetprune.errors import FleetpruneError
+
+    with pytest.raises(FleetpruneError, match="--latency-fit must be one of two-point, offset"):
+        prune("resnet20", tables=cpu_tables(("resnet20",), batch=8, round_to=16), devices="all", budget=0.8,
+              out=tmp_path / "v", latency_fit="scale")
+
+
+@pytest.mark.parametrize("points, expected", [
+    ((10.0, 12.0, 4.0, 5.0), (7 / 6, 12.0 - 70 / 6)),  # a line through both points
+    ((10.0, 16.0, 4.0, 6.4), (1.6, 0.0)),  # all proportional: b = 0
+    ((10.0, 12.0, 9.5, 5.0), None),  # layer sums within 10%: the slope would be noise
+    ((10.0, 12.0, 4.0, 11.9), None),  # slope 0.017: noise, not a device
+    ((10.0, 40.0, 4.0, 1.0), None),  # slope 6.5
+])
+def test_two_point_line(points, expected):
+    from fleetprune.api.prune import two_point_line
+
+    got = two_point_line(*points)
+    assert got == (None if expected is None else pytest.approx(expected))
 
 
 @pytest.mark.slow
@@ -76,3 +123,28 @@ def test_prune_imagenet_models_at_a_small_input_for_this_cpu(tmp_path, name, rou
         model = load_variant(res.folder)
         with torch.no_grad():
             assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def _script(values):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return values[len(calls) - 1]
+
+    return measure, calls
+
+
+@pytest.mark.parametrize("values, expected, n_calls", [
+    ([52.0], 52.0, 1),  # close to the layer sum (50): one measurement
+    ([65.0, 53.0], 53.0, 2),  # disturbed, then undisturbed (53 is within 10%): the lower stands
+    ([65.0, 60.0, 57.0], 57.0, 3),  # still coming down: at most two more measurements
+    ([80.0, 79.5], 79.5, 2),  # a real fixed part: measuring again agrees, so stop
+    ([70.0, 75.0], 70.0, 2),  # the re-measure is worse: the first stands
+])
+def test_a_dense_measurement_far_above_the_layer_sum_is_taken_again(values, expected, n_calls):
+    from fleetprune.api.prune import measure_dense
+
+    measure, calls = _script(values)
+    assert measure_dense(measure, layer_sum=50.0) == expected
+    assert len(calls) == n_calls

@@ -225,6 +225,30 @@ def test_a_fit_that_predicts_held_out_networks_worse_is_not_stored(profiled, tmp
     assert "not stored" in caplog.text
 
 
+def test_a_dense_model_measured_slow_at_the_start_is_measured_again_at_the_end(profiled, tmp_path, device,
+                                                                               monkeypatch):
+    root = _copy_table(profiled, tmp_path, device)
+    plan = tiny_plan()
+    lm = LatencyModel(plan, TableStore(root).read(device.key))
+    calls = []
+
+    def measure(net, shape, dev, dtype, memory_format, protocol, **_):
+        calls.append(1)
+        ms = 1.25 * lm.layer_sum(module_widths(net, plan)) + 0.4
+        if len(calls) == 1:  # the first network measured (the dense model) was disturbed
+            ms *= 1.5
+        return Measurement(1.01 * ms, ms, 1.02 * ms, 5, min_ms=ms)
+
+    monkeypatch.setattr(vmod, "measure_model", measure)
+    s = validate("tiny", str(root), device.key, variants=8, model_factory=Tiny, input_shape=SHAPE)
+    assert len(calls) == 8 + 2  # the dense model twice
+    dense_sum = lm.layer_sum(plan.dense_widths())
+    assert s.dense_measured_ms == pytest.approx(1.25 * dense_sum + 0.4)
+    assert (s.correction["a"], s.correction["b"]) == pytest.approx((1.25, 0.4))
+    dense_row = _frame(root).query("dense").iloc[0]
+    assert dense_row["measured_ms"] == pytest.approx(1.25 * dense_sum + 0.4)
+
+
 def test_a_second_run_appends_with_the_same_columns(run, device):
     root, first = run
     s = validate("tiny", str(root), device.key, variants=1, model_factory=Tiny, input_shape=SHAPE,

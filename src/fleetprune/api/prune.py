@@ -11,15 +11,19 @@ End-to-end measurements run the network as deployed and as the table prices its 
 mode with every batch norm folded into its conv (``measure_model(fold_bn=True)``); ``model.ts`` is
 the same folded network (``export.fold_batchnorm``).
 
-The fixed part (what the per-layer rows do not cover: pooling, residual adds, the classifier's
-flatten, framework overhead) comes from, in this order:
+What the per-layer rows do not cover (pooling, residual adds, framework overhead, which are fixed
+or grow with the widths, and in-network effects such as weights streamed from memory that a layer
+timed alone keeps in cache) is modelled, in this order, by:
 
 1. when ``fleetprune validate`` stored a correction ``measured ~ a * layer_sum + b`` for this model,
-   input, batch, dtype and memory format (fitted over many networks, so it also carries the slope):
-   every row is scaled by ``a`` and ``fixed = max(0, b)``;
-2. else, on this machine: an end-to-end measurement of the dense (folded) model, ``fixed =
-   measured - layer sum`` (clamped at 0); the dense latency is then the measured one;
-3. otherwise 0: the table rows only, as HALP counts latency. Relative budgets stay meaningful (a
+   input, batch, dtype and memory format (fitted over many networks): every row is scaled by ``a``
+   and ``fixed = b``;
+2. else, on this machine with ``latency_fit='two-point'`` (the default): the line through the dense
+   and the narrowest network measured end to end (folded), rows scaled by ``a`` and ``fixed = b``;
+   the dense latency is then the measured one, and so is the smallest reachable;
+3. else, on this machine (``latency_fit='offset'``, or two points that give no sane line): ``fixed =
+   dense measured - layer sum`` (clamped at 0);
+4. otherwise 0: the table rows only, as HALP counts latency. Relative budgets stay meaningful (a
    fraction of the modeled dense latency); the report says which source was used.
 
 On this machine the dense model and the variant are measured in any case, with the table's own
@@ -28,6 +32,7 @@ timing protocol unless one is given.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -40,7 +45,7 @@ import torch
 from torch import nn
 
 from fleetprune import models
-from fleetprune.api._common import sample_shape, table_protocol
+from fleetprune.api._common import resolve_setting, sample_shape, table_protocol
 from fleetprune.errors import BudgetError, DeviceError, FleetpruneError, MissingConfigsError, TableError
 from fleetprune.pruner.export import fold_batchnorm, module_widths, remove_channels, shrink_to_widths
 from fleetprune.pruner.latency import LatencyModel
@@ -61,9 +66,11 @@ from fleetprune.tables.table import missing_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceResult", "prune", "load_variant", "FIXED_MEASURED", "FIXED_CORRECTION", "FIXED_TABLE_ONLY"]
+__all__ = ["DeviceResult", "prune", "load_variant", "FIXED_MEASURED", "FIXED_TWO_POINT", "FIXED_CORRECTION",
+           "FIXED_TABLE_ONLY", "LATENCY_FITS"]
 
 FIXED_MEASURED = "end-to-end measurement of the dense model on this machine"
+FIXED_TWO_POINT = "end-to-end measurements of the dense and the narrowest network on this machine"
 FIXED_CORRECTION = "fitted correction from fleetprune validate"
 FIXED_TABLE_ONLY = "table rows only"
 
@@ -101,6 +108,9 @@ class _Job:
     local: Any  # DeviceInfo of this machine, or None
     lm: Any = None  # the LatencyModel with its fixed part settled
     dense_measured_ms: float | None = None
+    narrow_measured_ms: float | None = None
+    narrow_layer_sum_ms: float | None = None
+    latency_fit: str | None = None  # how the measurements here became the latency model (None: not local)
     correction: tuple[float, float] | None = None
 
 
@@ -148,43 +158,6 @@ def _devices(store: TableStore, devices: str | Sequence[str]) -> list[str]:
     if "all" in devices:
         raise DeviceError("--device all cannot be combined with device keys")
     return devices
-
-
-def _settings_of(table: LatencyTable) -> list[tuple[int, str, str]]:
-    frame = table.frame
-    if not len(frame):
-        return []
-    combos = frame[["batch", "dtype", "memory_format"]].drop_duplicates()
-    return sorted((int(b), str(d), str(f)) for b, d, f in combos.itertuples(index=False))
-
-
-def _resolve_setting(
-    table: LatencyTable, model_name: str, root: str, batch: int | None, dtype: str | None, memory_format: str | None
-) -> _Setting:
-    """The (batch, dtype, memory format) to prune for: as asked, or the table's only one."""
-    have = _settings_of(table)
-    listed = ", ".join(f"batch {b} {d} {f}" for b, d, f in have) or "no rows"
-    fits = [s for s in have if (batch is None or s[0] == batch) and (dtype is None or s[1] == dtype)
-            and (memory_format is None or s[2] == memory_format)]
-    if not fits:
-        asked = " ".join(
-            x for x in (f"batch {batch}" if batch is not None else "", dtype or "", memory_format or "") if x
-        )
-        raise TableError(
-            f"the latency table of device {table.device_key} has no rows for {asked} (it has: {listed}); "
-            f"prune for what it has (--batch/--dtype/--memory-format) or measure it: fleetprune profile "
-            f"{model_name} --tables {root} --devices {table.device_key}"
-            + (f" --batch {batch}" if batch is not None else "")
-            + (f" --dtype {dtype}" if dtype else "")
-            + (f" --memory-format {memory_format}" if memory_format else "")
-        )
-    if len(fits) > 1:
-        options = ", ".join(f"batch {b} {d} {f}" for b, d, f in fits)
-        raise TableError(
-            f"the latency table of device {table.device_key} holds several settings ({options}); "
-            "say which with --batch, --dtype and --memory-format"
-        )
-    return _Setting(*fits[0])
 
 
 def _local_device(table: LatencyTable) -> Any:
@@ -259,6 +232,7 @@ def prune(
     overwrite: bool = False,
     finetune: Callable[[str], FinetuneHook | None] | None = None,
     measure: bool = True,
+    latency_fit: str = "two-point",
     protocol: Any = None,
     importance_kwargs: Mapping[str, Any] | None = None,
     on_device_done: Callable[[DeviceResult], None] | None = None,
@@ -287,6 +261,9 @@ def prune(
             fine-tune hook ``hook(model, step)`` (a hook keeps optimizer and schedule state, so
             devices must not share one). None: no fine-tuning between steps.
         measure: measure the dense model and the variant end to end when the device is this machine.
+        latency_fit: on this machine without a validate correction: ``two-point`` (default) fits
+            ``a * layer_sum + b`` through the dense and the narrowest network measured end to end;
+            ``offset`` adds the dense measurement's excess over the layer sum as a constant.
         protocol: the profiler's ``TimingProtocol`` for those measurements (None: the table's).
         importance_kwargs: options of the channel importance (``fold_bn``, ``coupled_reduce``, ...).
         on_device_done: called with each device's result as soon as its variant is written.
@@ -309,6 +286,8 @@ def prune(
         raise BudgetError(f"--steps must be at least 1, got {steps}")
     if (round_to is not None and round_to < 1) or max_choices < 1:
         raise FleetpruneError(f"--round-to and --max-choices must be at least 1, got {round_to} and {max_choices}")
+    if latency_fit not in LATENCY_FITS:
+        raise FleetpruneError(f"--latency-fit must be one of {', '.join(LATENCY_FITS)}, got {latency_fit!r}")
     out = Path(out)
     _check_out(out, overwrite)
     store = TableStore(tables)
@@ -331,7 +310,7 @@ def prune(
     plans: dict[tuple[int, str, str], Plan] = {}
     for key in _devices(store, devices):
         table = store.read(key)
-        setting = _resolve_setting(table, model_name, tables, batch, dtype, memory_format)
+        setting = _Setting(*resolve_setting(table, model_name, tables, batch, dtype, memory_format))
         jobs.append(_Job(key, table, setting, _local_device(table) if measure else None))
         skey = (setting.batch, setting.dtype, setting.memory_format)
         if skey not in plans:
@@ -349,7 +328,7 @@ def prune(
         if missing:
             raise _missing_error(table, missing, model_name, tables, round_to)
         job = jobs[-1]
-        _settle_latency(job, plan, model_name, dense, shape, protocol)
+        _settle_latency(job, plan, model_name, dense, shape, protocol, latency_fit)
         # The budget is checked now for every device, before any pruning or writing.
         minimum, dense_ms = job.lm.min_latency(), job.lm.dense_ms()
         if parse_budget(budget, dense_ms) < minimum * (1 - 1e-9):
@@ -445,6 +424,9 @@ def _prune_one(
         "dense_predicted_ms": dense_ms,
         "dense_layer_sum_ms": lm.layer_sum(),
         "dense_measured_ms": job.dense_measured_ms,
+        "narrow_measured_ms": job.narrow_measured_ms,
+        "narrow_layer_sum_ms": job.narrow_layer_sum_ms,
+        "latency_fit": job.latency_fit,
         "fixed_ms": lm.fixed_ms,
         "fixed_source": lm.fixed_source,
         "correction": list(job.correction) if job.correction else None,
@@ -470,27 +452,101 @@ def _prune_one(
     )
 
 
+LATENCY_FITS = ("two-point", "offset")
+"""How ``prune`` turns end-to-end measurements on this machine into the latency model (see
+:func:`_settle_latency`)."""
+TWO_POINT_SLOPES = (0.5, 2.5)
+"""The slopes a two-point line may have; outside them the points are taken as noise (offset used)."""
+
+
+def two_point_line(dense_sum: float, dense_ms: float, narrow_sum: float, narrow_ms: float) -> tuple[float, float] | None:
+    """``measured ~ a * layer_sum + b`` through the dense and the narrowest network, or None when the
+    two cannot give a trustworthy line (layer sums within 10% of each other, a slope outside
+    :data:`TWO_POINT_SLOPES`, or a line that predicts a network at or below 0 ms)."""
+    if dense_sum - narrow_sum <= 0.10 * dense_sum:
+        return None
+    a = (dense_ms - narrow_ms) / (dense_sum - narrow_sum)
+    b = dense_ms - a * dense_sum
+    if not TWO_POINT_SLOPES[0] <= a <= TWO_POINT_SLOPES[1] or a * narrow_sum + b <= 0:
+        return None
+    return a, b
+
+
 def _settle_latency(job: _Job, plan: Plan, model_name: str, dense: nn.Module, shape: tuple[int, ...],
-                    protocol: Any) -> None:
+                    protocol: Any, latency_fit: str = "two-point") -> None:
     """Give ``job`` its latency model and measure the dense model when the device is this machine.
 
-    Fixed part: a validate correction for this model and setting (fitted over many networks) wins;
-    else the dense end-to-end measurement here; else 0 (table rows only).
+    First that applies: a validate correction for this model and setting (fitted over many
+    networks); on this machine with ``latency_fit='two-point'``, the line through the dense and the
+    narrowest network measured end to end (``a * layer_sum + b``: what the table misses may be fixed,
+    like per-op overhead, or grow with the widths, like element-wise ops and weights streamed from
+    memory); on this machine otherwise (or when the two points give no sane line), the dense
+    measurement's excess over the layer sum as a constant; else the table rows alone.
     """
     lm = LatencyModel(plan, job.table, 0.0, FIXED_TABLE_ONLY)
+    full_shape = (job.setting.batch, *shape)
     if job.local is not None:
-        job.dense_measured_ms = _measure(dense, (job.setting.batch, *shape), job, protocol)
+        job.latency_fit = latency_fit
+        job.dense_measured_ms = measure_dense(lambda: _measure(dense, full_shape, job, protocol), lm.layer_sum(),
+                                              job.device_key)
     job.correction = _correction(job.table, model_name, job.setting, shape)
     if job.correction is not None:
         a, b = job.correction
-        lm = LatencyModel(plan, _ScaledTable(job.table, a), max(0.0, b), f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
+        lm = LatencyModel(plan, _ScaledTable(job.table, a), b, f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
     elif job.dense_measured_ms is not None:
         layers = lm.layer_sum()
-        lm = lm.with_measured_dense(job.dense_measured_ms, FIXED_MEASURED)
-        if job.dense_measured_ms < layers:
-            log.warning("%s: dense measured %.4g ms is below the layer sum %.4g ms; fixed part set to 0",
-                        job.device_key, job.dense_measured_ms, layers)
+        line = None
+        if latency_fit == "two-point":
+            narrow_widths = lm.min_widths()
+            narrow = shrink_to_widths(copy.deepcopy(dense), plan, narrow_widths, example_input(shape, 1, "nchw"))
+            # Twice, keeping the lower: a disturbed narrow point would tilt the whole line.
+            job.narrow_measured_ms = min(_measure(narrow, full_shape, job, protocol) for _ in range(2))
+            job.narrow_layer_sum_ms = lm.layer_sum(narrow_widths)
+            del narrow
+            line = two_point_line(layers, job.dense_measured_ms, job.narrow_layer_sum_ms, job.narrow_measured_ms)
+            if line is None:
+                log.warning("%s: the dense (%.4g ms, layer sum %.4g) and the narrowest network (%.4g ms, layer sum "
+                            "%.4g) give no usable line; using the dense measurement's offset", job.device_key,
+                            job.dense_measured_ms, layers, job.narrow_measured_ms, job.narrow_layer_sum_ms)
+        if line is not None:
+            a, b = line
+            lm = LatencyModel(plan, _ScaledTable(job.table, a), b, f"{FIXED_TWO_POINT} (a={a:.4g}, b={b:.4g})")
+        else:
+            lm = lm.with_measured_dense(job.dense_measured_ms, FIXED_MEASURED)
+            if job.dense_measured_ms < layers:
+                log.warning("%s: dense measured %.4g ms is below the layer sum %.4g ms; fixed part set to 0",
+                            job.device_key, job.dense_measured_ms, layers)
     job.lm = lm
+
+
+DENSE_RECHECK = 0.10
+"""A dense measurement more than this share above the table's layer sum is taken again (see
+:func:`measure_dense`)."""
+DENSE_RECHECKS = 2
+
+
+def measure_dense(measure: Callable[[], float], layer_sum: float, device_key: str = "") -> float:
+    """The dense model's end-to-end latency, re-measured while it looks disturbed.
+
+    Everything above the layer sum becomes the fixed part, which moves the budget and every
+    prediction, so one disturbed measurement (a busy neighbour for a few seconds) would over-prune.
+    A measurement more than :data:`DENSE_RECHECK` above the layer sum is either a real fixed part
+    (an unpruned stem, head, pooling: measuring again agrees) or a disturbed one (measuring again
+    is lower): up to :data:`DENSE_RECHECKS` more measurements are taken while they keep coming out
+    more than 3% lower, and the lowest stands.
+    """
+    best = measure()
+    for _ in range(DENSE_RECHECKS):
+        if best <= layer_sum * (1 + DENSE_RECHECK):
+            break
+        again = measure()
+        log.info("%s: dense measured %.4g ms, %.0f%% above the layer sum %.4g ms; measured again: %.4g ms",
+                 device_key, best, 100 * (best / layer_sum - 1), layer_sum, again)
+        improved = again < 0.97 * best
+        best = min(best, again)
+        if not improved:
+            break
+    return best
 
 
 def _measure(model: nn.Module, full_shape: tuple[int, ...], job: _Job, protocol: Any) -> float:

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="most width choices per channel group (default 32); must match the profiled table")
     p.add_argument("--no-measure", action="store_true",
                    help="do not measure end to end even when a device is this machine")
+    p.add_argument("--latency-fit", choices=["two-point", "offset"], default="two-point",
+                   help="on this machine, without a validate correction: two-point (default) fits a * layer_sum + b "
+                   "through the dense and the narrowest network measured end to end; offset adds the dense "
+                   "model's excess over its layer sum as a constant")
     p.add_argument("--quick", action="store_true", help="short timing protocol for the measurements (noisier)")
     p.add_argument("--no-report", action="store_true", help="do not write DIR/report.html")
     p.add_argument("--data", metavar="PATH", default=os.environ.get("FLEETPRUNE_CIFAR"),
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
         memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
         overwrite=args.overwrite,
-        finetune=finetune, measure=not args.no_measure,
+        finetune=finetune, measure=not args.no_measure, latency_fit=args.latency_fit,
         protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
     )
     print(f"{len(results)} variant{'s' if len(results) != 1 else ''} written to {args.out}")

@@ -56,13 +56,16 @@ class LatencyModel:
             ``plan.dense_widths``).
         table: anything with ``lookup(config) -> ms`` (a :class:`LatencyTable`); ``lookup_many``
             is used when present so a miss names every missing configuration at once.
-        fixed_ms: a constant added to every prediction (unmodeled ops, see :func:`fixed_part`).
+        fixed_ms: a constant added to every prediction (unmodeled ops, see :func:`fixed_part`). It may
+            be negative: the intercept of a fitted line ``a * layer_sum + b`` (a table scaled by a)
+            is below zero where layers run slower in the network than alone (weights streamed from
+            memory), so that line, not a clamp, is what matches the measurements.
         fixed_source: where ``fixed_ms`` came from, for reports.
     """
 
     def __init__(self, plan: Any, table: Any, fixed_ms: float = 0.0, fixed_source: str = "none"):
-        if not np.isfinite(fixed_ms) or fixed_ms < 0:
-            raise ValueError(f"fixed_ms must be a finite number >= 0, got {fixed_ms}")
+        if not np.isfinite(fixed_ms):
+            raise ValueError(f"fixed_ms must be a finite number, got {fixed_ms}")
         self.plan = plan
         self.table = table
         self.fixed_ms = float(fixed_ms)
