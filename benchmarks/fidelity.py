@@ -73,7 +73,7 @@ def profile_missing(store, device, protocol, configs) -> tuple[int, float, int]:
 
     from fleetprune.profiler import TorchTimingBackend, profile_configs, provenance
 
-    have = store.measured_keys(device.key)
+    have = store.measured_keys(device.key, protocol.statistic)
     todo = [c for c in configs if c.key not in have]
     if not todo:
         return 0, 0.0, 0

@@ -73,7 +73,7 @@ def main() -> None:
         sample = (sample[0], args.input_size, args.input_size)
     plan = build_plan(models.create(args.model), example_input(sample, args.batch),
                       round_to=args.round_to, memory_format=args.memory_format)
-    todo = [c for c in plan.configs() if c.key not in store.measured_keys(device.key)]
+    todo = [c for c in plan.configs() if c.key not in store.measured_keys(device.key, protocol.statistic)]
     start = time.perf_counter()
     if todo:
         rows = list(profile_configs(todo, TorchTimingBackend(device, protocol)))

@@ -138,3 +138,24 @@ def test_the_summary_formats_one_line_per_device_and_the_failures():
 
     text = RunSummary("tables", "local", [run], seconds=2.0).format()
     assert "fake-x" in text and "no actor of X is left" in text and text.splitlines()[1].split()[3] == "3"
+
+
+def test_a_ledger_counts_rows_of_another_statistic_as_missing(tmp_path):
+    from fleetprune.cluster.work import open_ledger
+    from fleetprune.profiler import TimingProtocol
+    from fleetprune.tables import make_row
+
+    configs = [LayerConfig("conv", c, c, 3, 3, 1, 1, 1, 1, 1, 1, 8, 8) for c in (8, 16, 24)]
+    store = TableStore(tmp_path)
+    store.write("cpu-x-t1", [make_row(configs[0], "cpu-x-t1", 1.0, 0.9, 1.1, 5)],
+                {"timing_protocol": {"repeats": 5}})  # a median row (older protocol)
+    assert BackendSpec.torch().statistic == "min" and BackendSpec.fake().statistic is None
+    assert BackendSpec.torch(TimingProtocol(statistic="median")).statistic == "median"
+
+    def ledger(statistic):
+        return open_ledger(store, configs, key="cpu-x-t1", device_type="x", kind="cpu", label="x", workers=1,
+                           chunk_size=None, seed=0, progress=None, statistic=statistic)
+
+    assert ledger("min").run.skipped == 0  # the median row is measured again under the minimum
+    assert ledger("median").run.skipped == 1
+    assert ledger(None).run.skipped == 1

@@ -411,3 +411,20 @@ def test_a_minimum_above_the_10th_percentile_is_a_defect(tmp_path):
     defects = [(Path(d.file).name, d.kind) for d in store.validate()]
     assert defects == [(Path(path).name, "bad_percentiles")]
     assert "min=0.95" in store.validate()[0].detail
+
+
+def test_rows_of_another_statistic_are_flagged_and_profiled_again(tmp_path, caplog):
+    """A table profiled with medians (an older protocol) and then with minima: read warns, and the
+    profiler's resume set under the minimum leaves the median rows out, so they are measured again."""
+    store = TableStore(tmp_path)
+    old, new = grid(2), [cfg(80, 80)]
+    store.write(DEV, rows_for(DEV, old), dict(PROV, timing_protocol={"repeats": 5}))  # no statistic: median
+    store.write(DEV, [make_row(new[0], DEV, 2.0, 1.9, 2.1, 5, minimum=1.8, latency=1.8)],
+                dict(PROV, timing_protocol={"repeats": 5, "statistic": "min"}))
+    with caplog.at_level("WARNING", logger="fleetprune.tables"):
+        table = store.read(DEV)
+    assert "mixes latencies timed with different statistics (4 rows the median, 1 rows the min)" in caplog.text
+    assert dict(zip(table.frame["key"], table.frame["statistic"]))[new[0].key] == "min"
+    assert store.measured_keys(DEV) == {c.key for c in old + new}
+    assert store.measured_keys(DEV, "min") == {new[0].key}
+    assert store.measured_keys(DEV, "median") == {c.key for c in old}

@@ -112,7 +112,8 @@ def profile_local(
                                   total=len(keys), failures=[Failure(keys, str(exc))], actors=[record]))
             continue
         ledger = open_ledger(store, kind_configs, key=device.key, device_type=t.name, kind=t.kind,
-                             label=device.name, workers=1, chunk_size=chunk_size, seed=seed, progress=progress)
+                             label=device.name, workers=1, chunk_size=chunk_size, seed=seed, progress=progress,
+                             statistic=spec.statistic)
         ledger.run.actors.append(record)
         runs.append(ledger.run)
         first_ready = first_ready or time.perf_counter()

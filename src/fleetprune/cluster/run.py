@@ -187,7 +187,7 @@ class _FleetRun:
             self.ledgers[key] = open_ledger(
                 self.store, list(self.source(kind)), key=key, device_type=device_type.name, kind=kind,
                 label=label or device_type.label, workers=workers, chunk_size=self.chunk_size, seed=self.seed,
-                progress=self.progress,
+                progress=self.progress, statistic=self.spec.statistic,
             )
         return self.ledgers[key]
 

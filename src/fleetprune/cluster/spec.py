@@ -46,6 +46,14 @@ class BackendSpec:
         return cls("fake", cost_s=cost_s, speed=speed)
 
     @property
+    def statistic(self) -> str | None:
+        """The statistic the rows will hold (the protocol's, ``min`` by default); None for the fake
+        backend, whose minimum and median are the same number."""
+        if self.is_fake:
+            return None
+        return self.protocol.statistic if self.protocol is not None else "min"
+
+    @property
     def is_fake(self) -> bool:
         """Whether measurements are made up (their tables say so in their provenance)."""
         return self.kind == "fake"

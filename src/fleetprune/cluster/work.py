@@ -208,9 +208,12 @@ class Ledger:
 
 def open_ledger(store: "TableStore", configs: Sequence[LayerConfig], *, key: str, device_type: str, kind: str,
                 label: str, workers: int, chunk_size: int | None, seed: int,
-                progress: ProgressCallback | None) -> Ledger:
-    """The ledger of table key ``key``: what of ``configs`` its table still lacks, cut into chunks."""
-    todo = todo_configs(configs, store.measured_keys(key))
+                progress: ProgressCallback | None, statistic: str | None = None) -> Ledger:
+    """The ledger of table key ``key``: what of ``configs`` its table still lacks, cut into chunks.
+
+    With ``statistic``, rows the table holds with another statistic count as lacking.
+    """
+    todo = todo_configs(configs, store.measured_keys(key, statistic))
     size = chunk_size_for(len(todo), workers, chunk_size)
     total = unique_count(configs)
     run = DeviceRun(device_key=key, device_type=device_type, kind=kind, label=label, total=total,

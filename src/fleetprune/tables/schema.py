@@ -4,9 +4,11 @@ A row is a :class:`LayerConfig` (its columns plus ``key``), the device key, the 
 statistics and when it was measured. ``lat_ms`` is the row's latency, the figure lookups use: the
 statistic the timing protocol names (``min`` by default, see ``profiler.timing``); ``lat_ms_min``,
 ``lat_ms_median`` and the percentiles stand beside it. Version 1 files had no ``lat_ms`` and
-``lat_ms_min``; they read as ``lat_ms = lat_ms_median`` and an unknown minimum. Everything that is the same for a whole part file (device
-name and fingerprint, library versions, threads, timing protocol, schema version, an optional
-calibration) is one JSON dict stored in the Parquet schema metadata under ``fleetprune``.
+``lat_ms_min``; they read as ``lat_ms = lat_ms_median`` and an unknown minimum.
+
+Everything that is the same for a whole part file (device name and fingerprint, library versions,
+threads, timing protocol, schema version, an optional calibration) is one JSON dict stored in the
+Parquet schema metadata under ``fleetprune``.
 """
 
 from __future__ import annotations

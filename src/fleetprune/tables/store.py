@@ -20,7 +20,7 @@ import re
 import shlex
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 from urllib.parse import unquote
 
 import numpy as np
@@ -270,10 +270,13 @@ class TableStore:
         frame, provenance = _assemble(device_key, parts, warn=True)
         return LatencyTable(device_key, provenance, frame, root=self.root)
 
-    def measured_keys(self, device_key: str) -> set[str]:
+    def measured_keys(self, device_key: str, statistic: str | None = None) -> set[str]:
         """Keys with a usable measurement for ``device_key``; empty for a device not yet measured.
 
-        The profiler resumes from this, so rows ``read`` would leave out are measured again.
+        The profiler resumes from this, so rows ``read`` would leave out are measured again. With
+        ``statistic`` (``min`` or ``median``), only keys whose newest row holds that statistic count:
+        a profile with the minimum re-measures rows an older protocol recorded as medians, so one
+        table never mixes the two.
         """
         dirs = self._device_dirs()
         if device_key not in dirs:
@@ -282,6 +285,8 @@ class TableStore:
         if not parts:
             return set()
         frame, _ = _assemble(device_key, parts, warn=False)
+        if statistic is not None:
+            frame = frame[frame["statistic"] == statistic]
         return set(frame["key"].tolist())
 
     def devices(self) -> list[DeviceSummary]:
@@ -533,6 +538,8 @@ def _assemble(device_key: str, parts: list[_Part], *, warn: bool) -> tuple[pd.Da
     table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     frame = table.to_pandas()
     frame["device_key"] = device_key
+    frame["statistic"] = np.repeat([part_statistic(p.provenance) for p in parts],
+                                   [t.num_rows for t in tables]) if tables else []
     frame["_file"] = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables]) if tables else []
     frame["_row"] = np.arange(len(frame))
     latency = frame["lat_ms"].to_numpy(dtype=float, na_value=np.nan)
@@ -549,6 +556,13 @@ def _assemble(device_key: str, parts: list[_Part], *, warn: bool) -> tuple[pd.Da
     frame = frame.sort_values(["measured_at", "_file", "_row"], kind="stable")
     frame = frame.drop_duplicates("key", keep="last").sort_values("key", kind="stable")
     frame = frame.drop(columns=["_file", "_row"]).reset_index(drop=True)
+    if warn and frame["statistic"].nunique() > 1:
+        counts = ", ".join(f"{n} rows the {stat}" for stat, n in frame["statistic"].value_counts().items())
+        log.warning(
+            "device %s mixes latencies timed with different statistics (%s): predictions compare unlike "
+            "figures; profile the model again with the current protocol (it re-measures the other rows)",
+            device_key, counts,
+        )
     provenance: dict[str, Any] = dict(parts[-1].provenance) if parts else {}
     if provenance.get("correction") is None:
         for p in reversed(parts):
@@ -556,6 +570,14 @@ def _assemble(device_key: str, parts: list[_Part], *, warn: bool) -> tuple[pd.Da
                 provenance["correction"] = p.provenance["correction"]
                 break
     return frame, provenance
+
+
+def part_statistic(provenance: Mapping[str, Any]) -> str:
+    """Which statistic a part's ``lat_ms`` holds: its timing protocol's ``statistic``; ``median`` for
+    a part whose protocol names none (schema 1, or rows made with ``make_row``'s default)."""
+    protocol = provenance.get("timing_protocol")
+    statistic = protocol.get("statistic") if isinstance(protocol, Mapping) else None
+    return statistic if statistic in ("min", "median") else "median"
 
 
 def _examples(items: list[str], total: int) -> str:
