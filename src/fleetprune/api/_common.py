@@ -71,7 +71,7 @@ def resolve_setting(
         )
         raise TableError(
             f"the latency table of device {table.device_key} has no rows for {asked} (it has: {listed}); "
-            f"prune for what it has (--batch/--dtype/--memory-format) or measure it: fleetprune profile "
+            f"ask for what it has (--batch/--dtype/--memory-format) or measure it: fleetprune profile "
             f"{model_name} --tables {root} --devices {table.device_key}"
             + (f" --batch {batch}" if batch is not None else "")
             + (f" --dtype {dtype}" if dtype else "")

@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if s.correction:
         c = s.correction
         print(f"fitted on the dense model + {c['n'] - 1} variants: measured = {c['a']:.4f} * layer_sum "
-              f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms "
-              + f"({s.correction_note})")
+              f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms ({s.correction_note})")
         print(line("  held out, before", s.held_out_before))
         print(line("  held out, corrected", s.after))
     print(f"rows written to {s.path}")
