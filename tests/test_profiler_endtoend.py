@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fleetprune.errors import ProfileError
-from fleetprune.profiler import TimingProtocol, cpu_device, measure_model
+from fleetprune.profiler import TimingProtocol, cpu_device, deployed_forward, measure_model
 
 CPU = cpu_device(1)
 QUICK = TimingProtocol.quick()
@@ -76,6 +76,25 @@ def test_measure_model_errors_say_what_failed():
         measure_model(_tiny(), (1, 3, 16, 16), CPU, "fp16", "nchw", QUICK)
     with pytest.raises(ProfileError, match="cannot run"):
         measure_model(_tiny(), (1, 4, 16, 16), CPU, "fp32", "nchw", QUICK)  # 4 channels into a 3-channel stem
+
+
+def test_deployed_forward_is_the_folded_eval_network_prepared_once():
+    model = _tiny().train()
+    with torch.no_grad():  # non-trivial BN statistics, so that folding them in matters
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    torch.manual_seed(1)  # the prepared input is the first random draw after this
+    fwd = deployed_forward(model, (2, 3, 16, 16), CPU, "fp32", "nhwc")
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    assert model.training and isinstance(model[1], nn.BatchNorm2d)  # the caller's model is untouched
+    with torch.inference_mode():
+        out1, out2 = fwd(), fwd()
+        ref = model.eval()(x)
+    assert out1.shape == (2, 10) and torch.equal(out1, out2)  # one fixed input, one prepared network
+    assert torch.allclose(out1, ref, atol=1e-4)  # BN folded: same function as the eval model
+    with pytest.raises(ProfileError, match="cannot run"):
+        deployed_forward(_tiny(), (1, 4, 16, 16), CPU)
 
 
 @pytest.mark.gpu

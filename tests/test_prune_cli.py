@@ -179,3 +179,21 @@ def test_a_validate_correction_for_this_model_sets_the_fixed_part(tmp_path):
     store.set_correction("fake-corr", {"a": 1.5, "b": 0.4, "model": "resnet56"})
     [res] = prune(MODEL, tables=root, devices="fake-corr", budget="0.7", out=tmp_path / "v2", steps=1, round_to=8)
     assert res.fixed_source == "table rows only" and res.dense_ms == pytest.approx(plain.dense_ms)
+
+
+def test_coupled_reduce_is_recorded_and_rejected_for_other_methods(tmp_path, capsys):
+    assert _prune(fake_tables(), tmp_path / "v", "--coupled-reduce", "balanced", device="fake-compute",
+                  steps="1") == 0
+    r = json.loads((tmp_path / "v" / "fake-compute" / "report.json").read_text())
+    assert r["importance"] == {"name": "sp_lamp", "fold_bn": True, "coupled_reduce": "balanced",
+                               "include_consumers": False}
+    assert _prune(fake_tables(), tmp_path / "w", "--coupled-reduce", "balanced", "--method", "l1",
+                  device="fake-compute") == 2
+    err = capsys.readouterr().err
+    assert "coupled_reduce" in err and "'l1'" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_default_importance_is_sp_lamp_per_layer(pruned):
+    r = json.loads((pruned / "fake-compute" / "report.json").read_text())
+    assert r["importance"]["name"] == "sp_lamp" and r["importance"]["coupled_reduce"] == "per_layer"

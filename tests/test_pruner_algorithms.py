@@ -61,17 +61,32 @@ def test_lamp_normalise_matches_the_formula():
     assert float(lamp_normalise(torch.zeros(3)).max()) == 1.0  # all-zero energies stay finite
 
 
-def test_every_group_has_a_score_one_filter(tiny):
+@pytest.mark.parametrize("reduce", ["per_layer", "balanced"])
+def test_every_group_has_a_score_one_filter(tiny, reduce):
+    """balanced: exactly one score-1 channel per group, all scores in (0, 1]; per_layer (default):
+    the same for a one-conv group, and a coupled group's scores are its members' LAMP summed
+    (each member's top filter adds 1), so they lie in (0, members]."""
     model, plan = tiny
+    members = {g.name: len(g.members) for g in plan.groups}
+    assert members["res"] > 1 and members["inner"] == 1
     masks = {"res": torch.arange(32) % 3 != 0, "inner": torch.arange(32) >= 8}
     for m in (None, masks):
-        scores = SPLampImportance().scores(model, plan, m)
+        imp = SPLampImportance(coupled_reduce=reduce)
+        scores = imp.scores(model, plan, m)
         assert set(scores) == {"res", "inner"}
         for name, s in scores.items():
             alive = torch.ones(32, dtype=torch.bool) if m is None else m[name]
-            assert s[alive].max().item() == 1.0
-            assert int((s[alive] == 1.0).sum()) == 1
-            assert bool((s[alive] > 0).all()) and bool((s[alive] <= 1).all())
+            top = 1.0 if reduce == "balanced" else float(members[name])
+            assert bool((s[alive] > 0).all()) and bool((s[alive] <= top + 1e-12).all())
+            assert s[alive].max().item() >= 1.0
+            if reduce == "balanced" or members[name] == 1:
+                assert s[alive].max().item() == 1.0
+                assert int((s[alive] == 1.0).sum()) == 1
+            else:
+                group = next(g for g in plan.groups if g.name == name)
+                per_member = [lamp_normalise(e[alive]) for e in imp.member_energies(model, plan, group)]
+                assert torch.allclose(s[alive], sum(per_member))
+                assert int((s[alive] >= 1.0).sum()) >= 1
 
 
 def test_masked_channels_are_excluded(tiny):
@@ -137,8 +152,28 @@ def test_balanced_reduction_normalises_each_member():
     assert int(torch.argmax(concat)) == 3  # the large member dominates
     assert int(torch.argmax(balanced)) == 0  # member b's strong filter 0 wins once both count equally
     # surviving-only denominators: masking channel 0 renormalises each member on the rest
-    masked = SPLampImportance().scores(model, plan, {"g": torch.tensor([False, True, True, True])})["g"]
+    masked = SPLampImportance(coupled_reduce="balanced").scores(
+        model, plan, {"g": torch.tensor([False, True, True, True])})["g"]
     assert torch.allclose(masked[1:], lamp_normalise(ea[1:] / ea[1:].sum() + eb[1:] / eb[1:].sum()))
+
+
+def test_per_layer_reduction_sums_each_members_lamp():
+    """The default: every member conv has its own score-1 filter, so a coupled set of m convs
+    carries m layers' worth of score (the knapsack values a residual stream like m layers)."""
+    model, plan = _coupled_plan()
+    ea = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    eb = torch.tensor([8.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+    default = SPLampImportance().scores(model, plan)["g"]
+    assert torch.allclose(default, lamp_normalise(ea) + lamp_normalise(eb))
+    # channel 3 (a's score-1 filter) and channel 0 (b's) both reach at least 1; one LAMP over the set
+    # would give exactly one channel 1 and a total below the two members' totals together
+    assert default[0] >= 1 and default[3] >= 1
+    balanced = SPLampImportance(coupled_reduce="balanced").scores(model, plan)["g"]
+    assert float(default.sum()) > float(balanced.sum()) + 0.5
+    masked = SPLampImportance().scores(model, plan, {"g": torch.tensor([True, True, False, True])})["g"]
+    keep = [0, 1, 3]
+    assert masked[2] == 0
+    assert torch.allclose(masked[keep], lamp_normalise(ea[keep]) + lamp_normalise(eb[keep]))
 
 
 def test_l1_matches_torch_pruning_group_magnitude(tiny):

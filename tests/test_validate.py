@@ -14,7 +14,7 @@ from torch import nn
 
 from fleetprune.api.validate import draw_widths, fidelity, fit_correction, validate
 from fleetprune.cli import main
-from fleetprune.errors import DeviceError, MissingConfigsError
+from fleetprune.errors import DeviceError, FleetpruneError, MissingConfigsError
 from fleetprune.profiler import (
     Measurement,
     TimingProtocol,
@@ -217,7 +217,7 @@ def test_a_fit_that_predicts_held_out_networks_worse_is_not_stored(profiled, tmp
         return Measurement(1.01 * ms, ms, 1.02 * ms, 5, min_ms=ms)
 
     monkeypatch.setattr(vmod, "measure_model", measure)
-    s = validate("tiny", str(root), device.key, variants=variants, model_factory=Tiny, input_shape=SHAPE)
+    s = validate("tiny", str(root), device.key, variants=variants, model_factory=Tiny, input_shape=SHAPE, passes=1)
     assert s.held_out_before["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
     assert s.after["median_abs_error"] > 0.01
     assert not s.correction_stored and "raises the held-out median" in s.correction_note
@@ -225,8 +225,7 @@ def test_a_fit_that_predicts_held_out_networks_worse_is_not_stored(profiled, tmp
     assert "not stored" in caplog.text
 
 
-def test_a_dense_model_measured_slow_at_the_start_is_measured_again_at_the_end(profiled, tmp_path, device,
-                                                                               monkeypatch):
+def test_a_network_measured_slow_in_one_pass_keeps_its_fastest_pass(profiled, tmp_path, device, monkeypatch):
     root = _copy_table(profiled, tmp_path, device)
     plan = tiny_plan()
     lm = LatencyModel(plan, TableStore(root).read(device.key))
@@ -235,18 +234,23 @@ def test_a_dense_model_measured_slow_at_the_start_is_measured_again_at_the_end(p
     def measure(net, shape, dev, dtype, memory_format, protocol, **_):
         calls.append(1)
         ms = 1.25 * lm.layer_sum(module_widths(net, plan)) + 0.4
-        if len(calls) == 1:  # the first network measured (the dense model) was disturbed
+        if len(calls) in (1, 12):  # pass 1: the dense model was disturbed; pass 2: variant 2
             ms *= 1.5
         return Measurement(1.01 * ms, ms, 1.02 * ms, 5, min_ms=ms)
 
     monkeypatch.setattr(vmod, "measure_model", measure)
     s = validate("tiny", str(root), device.key, variants=8, model_factory=Tiny, input_shape=SHAPE)
-    assert len(calls) == 8 + 2  # the dense model twice
+    assert len(calls) == 2 * 9  # every network in each of the two passes
     dense_sum = lm.layer_sum(plan.dense_widths())
     assert s.dense_measured_ms == pytest.approx(1.25 * dense_sum + 0.4)
     assert (s.correction["a"], s.correction["b"]) == pytest.approx((1.25, 0.4))
-    dense_row = _frame(root).query("dense").iloc[0]
+    frame = _frame(root)
+    dense_row = frame.query("dense").iloc[0]
     assert dense_row["measured_ms"] == pytest.approx(1.25 * dense_sum + 0.4)
+    # every row, variant 2 included, is the undisturbed pass: the line fits exactly
+    assert (frame["measured_ms"] - (1.25 * frame["layer_sum_ms"] + 0.4)).abs().max() < 1e-9
+    with pytest.raises(FleetpruneError, match="passes"):
+        validate("tiny", str(root), device.key, variants=1, model_factory=Tiny, input_shape=SHAPE, passes=0)
 
 
 def test_a_second_run_appends_with_the_same_columns(run, device):

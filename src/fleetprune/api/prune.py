@@ -211,6 +211,20 @@ def _missing_error(table: LatencyTable, missing: list[Any], model_name: str, roo
 # ------------------------------------------------------------------------------------------- verb
 
 
+def importance_options(method: str, importance_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The channel importance ``method`` uses with ``importance_kwargs``, as ``{"name": ..., option: value}``
+    (defaults filled in: what report.json records). ``uniform`` ranks channels with SP-LAMP."""
+    from fleetprune.pruner.scores import make_importance
+
+    name = "sp_lamp" if method == "uniform" else method
+    try:
+        imp = make_importance(name, **dict(importance_kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise FleetpruneError(f"bad options {dict(importance_kwargs or {})} for method {method!r} ({exc}); "
+                              "coupled_reduce, fold_bn and include_consumers are SP-LAMP (and uniform) options")
+    return {"name": name, **{k: v for k, v in vars(imp).items() if not k.startswith("_")}}
+
+
 def prune(
     model_name: str,
     *,
@@ -282,6 +296,7 @@ def prune(
         raise FleetpruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if solver not in SOLVERS:
         raise FleetpruneError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    importance_options(method, importance_kwargs)  # bad options fail here, before any work
     if steps < 1:
         raise BudgetError(f"--steps must be at least 1, got {steps}")
     if (round_to is not None and round_to < 1) or max_choices < 1:
@@ -413,6 +428,7 @@ def _prune_one(
         "device_key": job.device_key,
         "model": model_name,
         "method": method,
+        "importance": importance_options(method, importance_kwargs),
         "solver": solver,
         "steps_k": steps,
         "budget": str(budget),

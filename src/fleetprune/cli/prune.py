@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", metavar="H[xW]", help="input size instead of the model's default (e.g. 64)")
     p.add_argument("--method", default="sp_lamp", choices=["sp_lamp", "l1", "random", "uniform"],
                    help="channel selection (default sp_lamp)")
+    p.add_argument("--coupled-reduce", choices=["per_layer", "balanced", "concat"],
+                   help="how SP-LAMP scores channels shared by several convs (a residual stream): per_layer (default) "
+                        "sums each conv's LAMP score, balanced/concat run one LAMP over the set")
     p.add_argument("--solver", default="dp", choices=["dp", "exact"],
                    help="dp: multiple-choice knapsack (default); exact: MILP with c_in/c_out coupling")
     p.add_argument("--batch", type=int, help="batch size to prune for (default: the table's only one)")
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
         overwrite=args.overwrite,
         finetune=finetune, measure=not args.no_measure, latency_fit=args.latency_fit,
+        importance_kwargs={"coupled_reduce": args.coupled_reduce} if args.coupled_reduce else None,
         protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
     )
     print(f"{len(results)} variant{'s' if len(results) != 1 else ''} written to {args.out}")

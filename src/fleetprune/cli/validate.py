@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random width plans (default 0)")
     p.add_argument("--quick", action="store_true", help="short timing protocol (noisier; default: the table's)")
     p.add_argument("--no-fit", action="store_true", help="do not fit or store a correction")
+    p.add_argument("--passes", type=int, default=2,
+                   help="measure every network this many times, in passes over all of them, keeping the fastest "
+                        "(default 2)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, desc=f"validate {args.model} on {args.device}", unit="net", leave=False))
+            bars.append(tqdm(total=total, desc=f"validate {args.model} on {args.device}", unit="measurement",
+                             leave=False))
         bars[0].n = done
         bars[0].refresh()
 
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.tables, args.device, variants=args.variants, batch=args.batch, dtype=args.dtype,
             memory_format=args.memory_format, input_shape=shape, round_to=args.round_to, seed=args.seed,
             threads=args.threads, protocol=TimingProtocol.quick() if args.quick else None,
-            fit=not args.no_fit, progress=progress,
+            fit=not args.no_fit, progress=progress, passes=args.passes,
         )
     finally:
         for bar in bars:

@@ -13,7 +13,7 @@ from fleetprune.profiler.device import (
     local_devices,
     provenance,
 )
-from fleetprune.profiler.endtoend import measure_model
+from fleetprune.profiler.endtoend import deployed_forward, measure_model
 from fleetprune.profiler.layers import build_layer
 from fleetprune.profiler.run import profile_configs
 from fleetprune.profiler.timing import (
@@ -37,6 +37,7 @@ __all__ = [
     "cuda_device",
     "fake_device",
     "local_devices",
+    "deployed_forward",
     "measure_model",
     "profile_configs",
     "provenance",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,37 +17,24 @@ from fleetprune.profiler.timing import Measurement, TimingProtocol, time_callabl
 log = logging.getLogger(__name__)
 
 
-def measure_model(
+def deployed_forward(
     model: nn.Module,
     input_shape: Sequence[int],
     device: DeviceInfo,
     dtype: str = "fp32",
     memory_format: str = "nchw",
-    protocol: TimingProtocol | None = None,
     fold_bn: bool = True,
-    rounds: int = 3,
-) -> Measurement:
-    """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
+) -> Callable[[], Any]:
+    """A ready-to-time forward pass of a copy of ``model`` as deployed: eval mode, BN folded (``fold_bn``),
+    on the device in ``dtype`` and ``memory_format``, run once so that it fails here with a clear
+    error rather than inside a timer. Call it under ``torch.inference_mode()``.
 
-    Batch norm is folded as deployment does (``fold_bn``); nothing else is fused. The caller's model is not changed (a
-    copy is moved to the device, dtype and memory format).
-
-    Args:
-        input_shape: the full input shape ``(N, C, H, W)``; a 3-tuple ``(C, H, W)`` means batch 1.
-        dtype: ``fp32``, ``fp16`` or ``bf16`` (fp16 only on CUDA).
-        memory_format: ``nchw`` or ``nhwc`` (channels_last, for 4-d inputs).
-        protocol: defaults to ``TimingProtocol()``.
-        fold_bn: fold every conv/linear + BatchNorm pair into the conv first, as deployment engines
-            do and as the layer tables are measured; a model torch.fx cannot trace runs unfolded
-            (logged).
-        rounds: time the network this many times and keep the round with the lowest latency (the
-            protocol's statistic). Interference from other work on a shared machine only ever adds
-            time, so the lowest is the least disturbed one.
+    Prepare once and time the callable many times (interleaved with other networks, say): every
+    preparation makes new weight tensors, and the first calls on new tensors are slow.
 
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
     """
-    protocol = protocol if protocol is not None else TimingProtocol()
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
@@ -74,13 +61,52 @@ def measure_model(
             net = net.to(memory_format=fmt)
             x = x.contiguous(memory_format=fmt)
         with torch.inference_mode():
-            net(x)  # fail here, with a clear error, rather than inside the timer
-            runs = [time_callable(lambda: net(x), device, protocol) for _ in range(max(1, int(rounds)))]
-            return min(runs, key=protocol.latency)
+            net(x)
     except torch.cuda.OutOfMemoryError as exc:
         raise ProfileError(f"{what}: does not fit the memory of {device.key}: {exc}") from exc
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         raise ProfileError(f"{what}: cannot run on {device.key} in {dtype}/{memory_format}: {exc}") from exc
+    return lambda: net(x)
+
+
+def measure_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    device: DeviceInfo,
+    dtype: str = "fp32",
+    memory_format: str = "nchw",
+    protocol: TimingProtocol | None = None,
+    fold_bn: bool = True,
+    rounds: int = 3,
+) -> Measurement:
+    """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
+
+    Batch norm is folded as deployment does (``fold_bn``); nothing else is fused. The caller's model is not changed (a
+    copy is moved to the device, dtype and memory format: :func:`deployed_forward`).
+
+    Args:
+        input_shape: the full input shape ``(N, C, H, W)``; a 3-tuple ``(C, H, W)`` means batch 1.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (fp16 only on CUDA).
+        memory_format: ``nchw`` or ``nhwc`` (channels_last, for 4-d inputs).
+        protocol: defaults to ``TimingProtocol()``.
+        fold_bn: fold every conv/linear + BatchNorm pair into the conv first, as deployment engines
+            do and as the layer tables are measured; a model torch.fx cannot trace runs unfolded
+            (logged).
+        rounds: time the network this many times and keep the round with the lowest latency (the
+            protocol's statistic). Interference from other work on a shared machine only ever adds
+            time, so the lowest is the least disturbed one.
+
+    Raises:
+        ProfileError: the model cannot run with that input, dtype or memory format on the device.
+    """
+    protocol = protocol if protocol is not None else TimingProtocol()
+    forward = deployed_forward(model, input_shape, device, dtype, memory_format, fold_bn)
+    try:
+        with torch.inference_mode():
+            runs = [time_callable(forward, device, protocol) for _ in range(max(1, int(rounds)))]
+            return min(runs, key=protocol.latency)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ProfileError(f"model {type(model).__name__}: does not fit the memory of {device.key}: {exc}") from exc
 
 
 def _fold_bn(net: nn.Module, what: str) -> nn.Module:
