@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype (default: the table's only one)")
     p.add_argument("--memory-format", choices=["nchw", "nhwc"], help="memory format (default: the table's only one)")
     p.add_argument("--round-to", type=int, help="channel alignment of units (default 16 for fp32, else 8)")
+    p.add_argument("--max-choices", type=int, default=32,
+                   help="most width choices per channel group (default 32); as the table was profiled with")
     p.add_argument("--threads", type=int, help="CPU threads (default: the table's thread count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random width plans (default 0)")
     p.add_argument("--quick", action="store_true", help="short timing protocol (noisier; default: the table's)")
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         s = validate(
             args.model, args.tables, args.device, variants=args.variants, batch=args.batch, dtype=args.dtype,
-            memory_format=args.memory_format, input_shape=shape, round_to=args.round_to, seed=args.seed,
+            memory_format=args.memory_format, input_shape=shape, round_to=args.round_to,
+            max_choices=args.max_choices, seed=args.seed,
             threads=args.threads, protocol=TimingProtocol.quick() if args.quick else None,
             fit=not args.no_fit, progress=progress, passes=args.passes,
         )
