@@ -337,3 +337,20 @@ def test_random_width_plans_are_valid_spread_and_repeatable():
         assert all(w[g.name] in g.choices for g in plan.groups)
     body = {w[plan.layer("body.0").out_group] for w in plans[1:]}
     assert len(body) >= 2  # not every plan is the same shrink
+
+
+def test_cli_max_choices_matches_the_table_it_was_profiled_with(tmp_path, capsys, monkeypatch):
+    """A table profiled with --max-choices 2 validates with --max-choices 2; with the default (32) the
+    plans need widths the table lacks, and the error says so before anything is measured."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    root = str(tmp_path / "tables")
+    assert main(["profile", "resnet20", "--tables", root, "--max-choices", "2", "--round-to", "8", "--threads", "1",
+                 "--ray-address", "none", "--quick"]) == 0
+    key = TableStore(root).devices()[0].device_key
+    capsys.readouterr()
+    assert main(["validate", "resnet20", "--tables", root, "--device", key, "--variants", "2", "--round-to", "8",
+                 "--quick", "--passes", "1", "--no-fit"]) == 2
+    assert "lacks" in capsys.readouterr().err
+    assert main(["validate", "resnet20", "--tables", root, "--device", key, "--variants", "2", "--round-to", "8",
+                 "--max-choices", "2", "--quick", "--passes", "1", "--no-fit"]) == 0
+    assert len(_frame(tmp_path / "tables")) == 3  # the dense model and two variants
