@@ -28,7 +28,7 @@ from fleetprune.pruner.export import module_widths
 from fleetprune.pruner.latency import LatencyModel
 from fleetprune.pruner.plan import build_plan
 from fleetprune.pruner.variant import example_input
-from fleetprune.tables import TableStore, make_row
+from fleetprune.tables import TableStore
 from fleetprune.tables.schema import read_provenance
 
 # the module; ``fleetprune.api.validate`` is the verb of the same name

@@ -31,7 +31,7 @@ from scipy import stats
 
 from fleetprune import models
 from fleetprune.api._common import resolve_setting, table_protocol
-from fleetprune.errors import DeviceError, FleetpruneError, MissingConfigsError, TableError
+from fleetprune.errors import DeviceError, FleetpruneError, MissingConfigsError
 from fleetprune.profiler import DeviceInfo, TimingProtocol, local_devices, measure_model
 from fleetprune.pruner.export import shrink_to_widths
 from fleetprune.pruner.latency import LatencyModel, fixed_part
