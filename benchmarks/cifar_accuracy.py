@@ -25,9 +25,9 @@ Choices made here (printed in the header of every run):
 * Equal measured latency, by calibration. The latency model (``prune``'s default: the line
   ``measured = a * layer_sum + b`` through the dense and the narrowest network measured here,
   ``fleetprune.api.prune.two_point_line``) gives each (method, budget) a first table-rows budget
-  ``(budget - b) / a``. It is not right for every shape: at batch 64 knapsack variants with narrow
-  residual streams ran 10-30% slower than it predicts, uniform ones did not. So, before any
-  fine-tuning, every (method, budget) is pruned from the dense weights (same K steps, no
+  ``(budget - b) / a``. It is not right for every shape: in the second session's batch-64 table,
+  knapsack variants ran 17-59% slower (measured alone) than it predicted, uniform ones 9-13%. So,
+  before any fine-tuning, every (method, budget) is pruned from the dense weights (same K steps, no
   fine-tuning, ``prune(measure=False)``), measured beside the dense model in a fresh process
   (``benchmarks/measure_variants.py``: interleaved rounds, best kept), and its rows budget corrected
   (secant) for ``--calibrate`` rounds or until within ``--latency-tol`` of the target fraction; the

@@ -12,8 +12,9 @@
 #       PY=.venv/bin/python bash scripts/gpu_check.sh                             # smoke run on a CPU
 #
 # Sized for the 15 minutes a session gets there: units of 32 channels with at most 4 choices per group
-# (ROUND_TO, MAX_CHOICES) keep ResNet-50's table to 284 configurations (898 with 8 choices), about two
-# minutes of profiling at ~0.35 s each; give the run a timeout_s of 600.
+# (ROUND_TO, MAX_CHOICES) keep ResNet-50's table to 284 configurations (898 with 8 choices). Not yet
+# timed on a GPU: the protocol spends >= 0.2 s of timed calls plus warm-up per configuration, so
+# expect a few minutes; give the run a timeout_s of 600.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
