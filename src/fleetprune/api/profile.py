@@ -146,9 +146,10 @@ def profile(
                                        input_size=input_size, num_classes=num_classes, max_choices=max_choices)
         return plans[want]
 
-    # Plan before Ray starts: a bad model name or layer fails in a second, not after start-up.
-    configs_for("cpu")
+    # Check the root, then plan, before Ray starts: a bad root, model name or layer fails in a
+    # second, not after start-up.
     store = TableStore(tables)
+    configs_for("cpu")
     if backend is None:
         if protocol is None and quick:
             from fleetprune.profiler import TimingProtocol

@@ -49,6 +49,8 @@ PARTITION = "device_key="
 # End-to-end validation rows live beside the device folders (written by `fleetprune validate`).
 VALIDATION = "validation.parquet"
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Filesystems (by pyarrow type name) whose files die with the process: a table there is lost work.
+_EPHEMERAL = ("mock",)
 # How many example keys a defect's detail names.
 _EXAMPLES = 5
 
@@ -105,12 +107,13 @@ class TableStore:
 
     Args:
         root: a local folder (created on first write) or a URI pyarrow understands
-            (``file:///...``, ``s3://...``, ``gs://...``, ``hdfs://...``, ``mock:///``).
+            (``file:///...``, ``s3://...``, ``gs://...``, ``hdfs://...``). ``mock:///`` is refused:
+            that in-memory filesystem vanishes with the process, and every row with it.
         filesystem: an already opened pyarrow filesystem; ``root`` is then a path inside it. Lets
             tests share one in-memory ``_MockFileSystem`` between stores.
 
     Raises:
-        TableError: the root cannot be opened or is a file, not a folder.
+        TableError: the root cannot be opened, is a file, not a folder, or is an in-memory URI.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None) -> None:
@@ -481,6 +484,12 @@ def _open_root(root: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
                 f"cannot open the table root {root}: {exc}. Pass a local folder or a URI pyarrow "
                 "understands (file:///abs/path, s3://bucket/path, gs://..., hdfs://...)"
             ) from exc
+        if fs.type_name in _EPHEMERAL:
+            raise TableError(
+                f"the table root {root} is an in-memory filesystem that vanishes when this process ends, "
+                "taking every row with it; pass a local folder or a lasting URI (file:///abs/path, "
+                "s3://bucket/path, gs://..., hdfs://...)"
+            )
     else:
         fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
     base = base.rstrip("/") or base
