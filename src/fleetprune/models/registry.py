@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Callable
 
@@ -109,15 +113,20 @@ def load_weights(model: nn.Module, path: str, *, name: str | None = None) -> nn.
     """Load a local checkpoint into ``model`` strictly, naming every mismatch before touching it.
 
     Raises:
-        ModelError: the file is missing or unreadable, or keys/shapes do not match the model.
+        ModelError: the file is missing, unreadable or not a state dict (one line saying what it is
+            instead), keys/shapes do not match the model, or tensors hold NaN or infinite values.
     """
     label = name or type(model).__name__
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path!r} not found; pass a local checkpoint path (fleetprune never downloads weights)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or non-torch file: say which, not a pickle traceback
-        raise ModelError(f"cannot read weights file {path!r}: {exc}") from exc
+        with warnings.catch_warnings():  # torch warns before refusing some files: the error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a non-state-dict file: say what it is, not torch's multi-line advice
+        raise ModelError(
+            f"cannot read weights file {path!r}: {_what_file(path, exc)}; expected {_EXPECTED}"
+        ) from None
     state = _extract_state_dict(obj, path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -131,12 +140,72 @@ def load_weights(model: nn.Module, path: str, *, name: str | None = None) -> nn.
         parts = []
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", wrong)):
             if keys:
-                more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
-                parts.append(f"{title}: {', '.join(keys[:_SHOW])}{more}")
+                parts.append(f"{title}: {_listed(keys)}")
         raise ModelError(
             f"weights in {path!r} do not fit model {label!r} ({'; '.join(parts)}); "
             "check the model name and --num-classes match the checkpoint"
         )
+    bad = non_finite(state)
+    if bad:
+        raise ModelError(
+            f"weights in {path!r} hold NaN or infinite values in {len(bad)} of {len(state)} tensors "
+            f"({_listed(bad)}); pruning them would write a broken variant: pass a checkpoint from before "
+            "training diverged, or no --weights for random initial weights"
+        )
     model.load_state_dict(state, strict=True)
     log.info("loaded %d tensors from %s into %s", len(state), path, label)
     return model
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity, in order."""
+    return [k for k, v in state.items()
+            if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+_EXPECTED = "a state_dict saved with torch.save(model.state_dict(), path)"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _what_file(path: str, exc: Exception) -> str:
+    """What a file torch cannot load as weights is, in a few words (from its first bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"it cannot be opened ({err.strerror or err})"
+    if not head:
+        return "it is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy array"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            members = []
+        if any(m.endswith(".npy") for m in members) and not any(m.endswith("data.pkl") for m in members):
+            return "it is a NumPy .npz archive"
+        if any(m.endswith("constants.pkl") or "/code/" in m for m in members):
+            return "it is a TorchScript archive (torch.jit.save), which holds a program, not weights"
+        if isinstance(exc, pickle.UnpicklingError):
+            return ("it holds pickled Python objects other than tensors (e.g. a whole model saved with "
+                    "torch.save(model, path)), which are not loaded because unpickling can run code")
+        return f"it is a damaged PyTorch file ({_first_line(exc)})"
+    if head[:1] == b"\x80":  # a pickle stream: legacy torch.save or plain pickle
+        if isinstance(exc, pickle.UnpicklingError):
+            return ("it holds pickled Python objects other than tensors (e.g. a whole model), which are "
+                    "not loaded because unpickling can run code")
+        return f"it is a damaged pickle ({_first_line(exc)})"
+    return "it is not a PyTorch checkpoint (text or another format)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:160]
