@@ -129,6 +129,7 @@ def profile(
     Raises:
         ModelError: unknown or unplannable model.
         DeviceError: unknown device type, unreachable cluster, no usable device.
+        ProfileError: fp16 asked of a CPU (refused before Ray starts or anything is measured).
         TableError: an unusable table root.
     """
     from fleetprune.tables.store import TableStore
@@ -156,6 +157,8 @@ def profile(
 
             protocol = TimingProtocol.quick()
         backend = BackendSpec.torch(protocol)  # type: ignore[arg-type]
+    if dtype == "fp16" and ray_address.strip().lower() in ("none", "local"):
+        _refuse_fp16_here(configs_for, devices, threads, backend)
     common = dict(devices=devices, threads=threads, backend=backend, chunk_size=chunk_size, seed=seed,
                   progress=progress)
     if ray_address.strip().lower() == "none":
@@ -173,6 +176,22 @@ def profile(
     summary.seconds = time.perf_counter() - started
     log.info("profile %s: %d measured, %d failed, %.1f s", model, summary.measured, summary.failed, summary.seconds)
     return summary
+
+
+def _refuse_fp16_here(configs_for, devices, threads, backend) -> None:  # noqa: ANN001 - see profile()
+    """fp16 asked of this machine's CPU: refuse before Ray starts (the runners refuse it too, later)."""
+    from fleetprune.cluster.devices import select_types
+    from fleetprune.cluster.local import local_fleet
+    from fleetprune.cluster.work import refuse_fp16_on_cpu
+    from fleetprune.errors import DeviceError
+
+    here = local_fleet(threads)
+    extra = {t.name: backend.fake_key(t.name) for t in here.types} if backend.is_fake else None
+    try:
+        chosen = select_types(here, devices, extra_keys=extra)
+    except DeviceError:  # names an embedded Ray's discovery may know; the runner checks again
+        return
+    refuse_fp16_on_cpu(chosen, configs_for)
 
 
 def fleet(ray_address: str = DEFAULT_ADDRESS, *, threads: int | None = None, probe_gpus: bool = True) -> Fleet:

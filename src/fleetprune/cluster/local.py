@@ -15,7 +15,7 @@ from typing import Sequence
 from fleetprune.cluster.devices import DeviceType, Fleet, NodeInfo, select_types, sort_types
 from fleetprune.cluster.spec import BackendSpec
 from fleetprune.cluster.summary import ActorRecord, DeviceRun, Failure, ProgressCallback, RunSummary
-from fleetprune.cluster.work import ConfigSource, measure_chunk, open_ledger, todo_configs
+from fleetprune.cluster.work import ConfigSource, measure_chunk, open_ledger, refuse_fp16_on_cpu, todo_configs
 from fleetprune.errors import DeviceError
 from fleetprune.tables.config import LayerConfig
 from fleetprune.tables.store import TableStore
@@ -85,6 +85,7 @@ def profile_local(
 
     Raises:
         DeviceError: an unknown device type.
+        ProfileError: fp16 asked of a CPU.
         TableError: the table root cannot be read or written.
     """
     started = time.perf_counter()
@@ -94,6 +95,7 @@ def profile_local(
     fleet = fleet or local_fleet(threads)
     extra = {t.name: spec.fake_key(t.name) for t in fleet.types} if spec.is_fake else None
     chosen = select_types(fleet, devices, extra_keys=extra)
+    refuse_fp16_on_cpu(chosen, source)
     runs: list[DeviceRun] = []
     first_ready: float | None = None
     for t in chosen:

@@ -20,7 +20,7 @@ from fleetprune.cluster.devices import DeviceType, Fleet, select_types
 from fleetprune.cluster.discover import discover
 from fleetprune.cluster.spec import BackendSpec
 from fleetprune.cluster.summary import ActorRecord, DeviceRun, Failure, ProgressCallback, RunSummary
-from fleetprune.cluster.work import Chunk, ConfigSource, Ledger, open_ledger, todo_configs
+from fleetprune.cluster.work import Chunk, ConfigSource, Ledger, open_ledger, refuse_fp16_on_cpu, todo_configs
 from fleetprune.errors import DeviceError
 from fleetprune.tables.config import LayerConfig
 from fleetprune.tables.store import TableStore
@@ -99,6 +99,7 @@ def profile_fleet(
 
     Raises:
         DeviceError: an unknown device type, no usable device, or no actor could start at all.
+        ProfileError: fp16 asked of a CPU type (before any actor starts).
         TableError: the table root cannot be read or written.
     """
     import ray
@@ -113,6 +114,7 @@ def profile_fleet(
         fleet = discover(threads=threads, probe_gpus=not spec.is_fake, address=None if address == "local" else address)
     extra = {t.name: spec.fake_key(t.name) for t in fleet.types} if spec.is_fake else None
     chosen = select_types(fleet, devices, extra_keys=extra)
+    refuse_fp16_on_cpu(chosen, source)
     run = _FleetRun(store, source, spec, chunk_size, max_retries, seed, progress, startup_timeout_s, start_grace_s)
     try:
         for device_type in chosen:

@@ -14,7 +14,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from fleetprune.cluster.devices import DeviceType
 from fleetprune.cluster.summary import ActorRecord, DeviceRun, Failure, ProgressCallback, ProgressEvent
+from fleetprune.errors import ProfileError
 from fleetprune.tables.config import LayerConfig
 
 if TYPE_CHECKING:
@@ -83,6 +85,24 @@ def make_chunks(configs: Sequence[LayerConfig], size: int, *, seed: int = 0) -> 
     order = list(configs)
     random.Random(seed).shuffle(order)
     return [Chunk(i, tuple(order[s:s + size])) for i, s in enumerate(range(0, len(order), size))]
+
+
+def refuse_fp16_on_cpu(types: Sequence[DeviceType], source: ConfigSource) -> None:
+    """Refuse, before anything is measured, fp16 configurations for a CPU type among ``types``.
+
+    The profiler refuses fp16 on a CPU configuration by configuration (PyTorch emulates it there);
+    caught here once, the user gets one line instead of one failure per configuration.
+
+    Raises:
+        ProfileError: a CPU type is chosen and its configurations are fp16.
+    """
+    cpus = [t.name for t in types if t.kind == "cpu"]
+    if cpus and any(c.dtype == "fp16" for c in source("cpu")):
+        raise ProfileError(
+            f"fp16 is not profiled on a CPU ({', '.join(cpus)}): PyTorch emulates it there and nobody deploys "
+            "it; profile CPUs with --dtype bf16 or --dtype fp32 (or leave --dtype out: fp32 on CPUs, fp16 on "
+            "GPUs), or only the GPUs with --devices gpu"
+        )
 
 
 def todo_configs(configs: Sequence[LayerConfig], measured: set[str]) -> list[LayerConfig]:
