@@ -131,7 +131,7 @@ def test_layer_choice_by_key_fragment_and_full_key(tmp_path: Path) -> None:
 def test_tables_report_one_device_has_no_ratio(tmp_path: Path) -> None:
     root = make_tables(tmp_path / "tables", validation=False)
     assert main(["report", str(root), "--devices", TABLE_DEVICES[1]]) == 0
-    page = root / "report.html"
+    page = root / "_report" / "report.html"
     sizes = _check_figures(page)
     assert set(sizes) == {"report_staircase.png"}
     text = page.read_text()

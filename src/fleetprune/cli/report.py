@@ -9,9 +9,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``report`` verb."""
     parser = subparsers.add_parser(
         "report",
-        help="write DIR/report.html with plots of pruned variants or latency tables",
+        help="write report.html with plots of pruned variants or latency tables",
         description="Write DIR/report.html (and DIR/report_*.png) for a variants folder from "
-        "`fleetprune prune --out DIR` or for a latency table root. Opens offline.",
+        "`fleetprune prune --out DIR`, or ROOT/_report/report.html for a latency table root (a folder "
+        "Parquet readers skip, so the root stays readable as a dataset). Opens offline.",
     )
     parser.add_argument("dir", metavar="DIR", help="a variants folder or a latency table root")
     parser.add_argument(

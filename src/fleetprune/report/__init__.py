@@ -1,5 +1,7 @@
-"""HTML reports of pruned variants and latency tables: ``DIR/report.html`` plus ``DIR/report_*.png``.
+"""HTML reports of pruned variants and latency tables: ``report.html`` plus ``report_*.png``.
 
+A variants folder's report goes into the folder itself; a table root's goes into ``ROOT/_report/``,
+a name Parquet readers skip, so ``pandas.read_parquet(ROOT)`` and other tools still read the root.
 The page links its figures by relative file name and carries no script or external asset, so the
 folder can be copied anywhere and opened offline.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -16,11 +19,13 @@ from fleetprune.report.build import Report, tables_report, variants_report
 from fleetprune.report.html import render
 from fleetprune.report.load import detect, load_tables, load_variants
 
-__all__ = ["REPORT_NAME", "write_report", "write_tables_report", "write_variants_report"]
+__all__ = ["REPORT_NAME", "TABLES_REPORT_DIR", "write_report", "write_tables_report", "write_variants_report"]
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
+# Where a table root's report goes: readers of Hive-partitioned Parquet skip names starting with "_".
+TABLES_REPORT_DIR = "_report"
 
 
 def write_report(path: str | os.PathLike, *, layer: str | None = None, devices: list[str] | None = None) -> Path:
@@ -33,7 +38,7 @@ def write_report(path: str | os.PathLike, *, layer: str | None = None, devices: 
         devices: only these devices (in this order; the first is the reference of latency ratios).
 
     Returns:
-        The path of ``report.html``.
+        The path of ``report.html``: in the variants folder, or in ``ROOT/_report/`` of a table root.
 
     Raises:
         ReportError: the folder is empty, incomplete, or neither kind.
@@ -43,7 +48,7 @@ def write_report(path: str | os.PathLike, *, layer: str | None = None, devices: 
         if layer:
             log.warning("--layer applies to table roots only; %s is a variants folder", root)
         return _publish(root, variants_report(load_variants(root, devices)))
-    return _publish(root, tables_report(load_tables(root, devices), layer=layer))
+    return _publish_tables(root, tables_report(load_tables(root, devices), layer=layer))
 
 
 def write_variants_report(folder: str | os.PathLike, *, devices: list[str] | None = None) -> Path:
@@ -57,11 +62,40 @@ def write_variants_report(folder: str | os.PathLike, *, devices: list[str] | Non
 
 
 def write_tables_report(root: str | os.PathLike, *, layer: str | None = None, devices: list[str] | None = None) -> Path:
-    """Write ``ROOT/report.html`` for a latency table root."""
+    """Write ``ROOT/_report/report.html`` for a latency table root."""
     root = Path(root)
     if detect(root) != "tables":
         raise ReportError(f"{root} is not a latency table root (no device_key=<KEY> folders)")
-    return _publish(root, tables_report(load_tables(root, devices), layer=layer))
+    return _publish_tables(root, tables_report(load_tables(root, devices), layer=layer))
+
+
+def _publish_tables(root: Path, report: Report) -> Path:
+    """Write a table root's report into ``ROOT/_report/``; drop the one an older fleetprune wrote into
+    ``ROOT`` itself (a report.html there makes ``pandas.read_parquet(ROOT)`` fail)."""
+    folder = root / TABLES_REPORT_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create {folder} for the report: {exc}; check the table root is writable") from exc
+    page = _publish(folder, report)
+    _drop_old_root_report(root)
+    return page
+
+
+def _drop_old_root_report(root: Path) -> None:
+    """Remove ``ROOT/report.html`` and the figures it links, if it is a fleetprune tables report."""
+    old = root / REPORT_NAME
+    try:
+        text = old.read_text(encoding="utf-8", errors="replace") if old.is_file() else ""
+    except OSError:
+        return
+    if "fleetprune report: latency tables" not in text:
+        return
+    for name in set(re.findall(r'src="(report_[A-Za-z0-9._-]+\.png)"', text)):
+        (root / name).unlink(missing_ok=True)
+    old.unlink(missing_ok=True)
+    log.info("removed the report an older fleetprune wrote into %s (it is now in %s)", root,
+             root / TABLES_REPORT_DIR)
 
 
 def _publish(root: Path, report: Report) -> Path:
