@@ -93,6 +93,7 @@ class _Part:
     path: str
     table: pa.Table
     provenance: dict[str, Any]
+    mistyped: tuple[str, ...] = ()  # columns stored in a type that only converts to ours
 
 
 class _BadPart(Exception):
@@ -270,6 +271,11 @@ class TableStore:
                 f"check the device key or measure it: fleetprune profile MODEL --tables "
                 f"{shlex.quote(self.root)} --devices {device_key}"
             )
+        for part in parts:
+            if part.mistyped:  # the values convert, so the rows are kept; validate flags the file
+                log.warning("table file %s has mistyped columns (%s); its rows are read by conversion "
+                            "(`fleetprune tables validate` lists such files)", self._display(part.path),
+                            "; ".join(part.mistyped))
         frame, provenance = _assemble(device_key, parts, warn=True)
         return LatencyTable(device_key, provenance, frame, root=self.root)
 
@@ -330,6 +336,10 @@ class TableStore:
             defects.extend(bad)
             for part in parts:
                 shown = self._display(part.path)
+                if part.mistyped:
+                    detail = (f"mistyped columns: {'; '.join(part.mistyped)} (its values convert, so reads keep "
+                              "the rows; re-profile the device or rewrite the file with the right types)")
+                    defects.append(Defect(device_key, shown, "corrupt", detail))
                 owner = part.provenance.get("device_key")
                 if owner not in (None, device_key):
                     detail = f"its provenance is for device {owner!r} but it lies under {PARTITION}{device_key}"
@@ -416,11 +426,16 @@ class TableStore:
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             raise _BadPart("corrupt", f"lacks the columns {missing}")
+        table = table.select(list(COLUMNS))
+        mistyped = tuple(
+            f"{f.name} is {table.schema.field(f.name).type}, not {f.type}"
+            for f in ROW_SCHEMA if not _compatible(table.schema.field(f.name).type, f.type)
+        )
         try:
-            table = table.select(list(COLUMNS)).cast(ROW_SCHEMA)
+            table = table.cast(ROW_SCHEMA)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
             raise _BadPart("corrupt", f"columns of the wrong type ({exc})") from None
-        return _Part(path, table, provenance)
+        return _Part(path, table, provenance, mistyped)
 
     def _bad_part_error(self, device_key: str, path: str, bad: _BadPart) -> TableError:
         shown = self._display(path)
@@ -511,6 +526,25 @@ def _open_root(root: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
             "device_key=... folders (it is created on the first write)"
         )
     return fs, base
+
+
+def _compatible(stored: pa.DataType, wanted: pa.DataType) -> bool:
+    """Whether a column stored as ``stored`` is a faithful form of ``wanted`` (another width, unit or
+    encoding of the same kind), as opposed to values of another kind that merely convert (latencies
+    stored as strings)."""
+    if stored == wanted or pa.types.is_null(stored):
+        return True
+    if pa.types.is_dictionary(stored):
+        return _compatible(stored.value_type, wanted)
+    if pa.types.is_string(wanted):
+        return pa.types.is_string(stored) or pa.types.is_large_string(stored)
+    if pa.types.is_integer(wanted):
+        return pa.types.is_integer(stored)
+    if pa.types.is_floating(wanted):
+        return pa.types.is_floating(stored) or pa.types.is_integer(stored)
+    if pa.types.is_timestamp(wanted):
+        return pa.types.is_timestamp(stored)
+    return False
 
 
 def _fsync(path: str) -> None:
