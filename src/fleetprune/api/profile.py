@@ -62,6 +62,24 @@ def plan_configs(model: str, *, batch: int = 1, dtype: str = "fp32", memory_form
     return plan.configs()
 
 
+def backend_from_text(text: str) -> BackendSpec | None:
+    """The timing backend named ``torch`` (None: the default) or ``fake[:SECONDS]`` (made-up latencies,
+    SECONDS of sleep per configuration; for tests and demos).
+
+    Raises:
+        ValueError: any other text.
+    """
+    kind, _, cost = text.partition(":")
+    if kind == "torch" and not cost:
+        return None
+    if kind == "fake":
+        try:
+            return BackendSpec.fake(float(cost or 0.0))
+        except ValueError:
+            pass
+    raise ValueError(f"--backend must be torch or fake[:SECONDS], got {text!r}")
+
+
 def _check(batch: int, dtype: str | None, memory_format: str, round_to: int | None, threads: int | None) -> None:
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -211,4 +229,4 @@ def fleet(ray_address: str = DEFAULT_ADDRESS, *, threads: int | None = None, pro
         return discover(threads=threads, probe_gpus=probe_gpus, address=conn.address if conn.mode != "local" else None)
 
 
-__all__ = ["default_dtype", "default_round_to", "fleet", "plan_configs", "profile"]
+__all__ = ["backend_from_text", "default_dtype", "default_round_to", "fleet", "plan_configs", "profile"]

@@ -50,17 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _backend(text: str) -> Any:
-    from fleetprune.cluster.spec import BackendSpec
+    from fleetprune.api.profile import backend_from_text
 
-    kind, _, cost = text.partition(":")
-    if kind == "torch" and not cost:
-        return None
-    if kind == "fake":
-        try:
-            return BackendSpec.fake(float(cost or 0.0))
-        except ValueError:
-            pass
-    raise SystemExit(f"fleetprune profile: error: --backend must be torch or fake[:SECONDS], got {text!r}")
+    try:
+        return backend_from_text(text)
+    except ValueError as exc:
+        raise SystemExit(f"fleetprune profile: error: {exc}") from None
 
 
 class ProgressBars:

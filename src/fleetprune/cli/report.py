@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print its path."""
-    from fleetprune.report import write_report
+    from fleetprune.api import report as write_report
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     page = write_report(args.dir, layer=args.layer, devices=devices)

@@ -49,20 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff.set_defaults(func=_diff)
 
 
-def _open(path: str, *, must_exist: bool = True):  # noqa: ANN202 - TableStore, imported lazily
-    # Imported here so `fleetprune --help` does not pay for pyarrow and pandas.
-    from fleetprune.errors import TableError
-    from fleetprune.tables import TableStore
-
-    store = TableStore(path)
-    if must_exist and not store.exists():
-        raise TableError(f"there is no table root at {path}: pass --tables ROOT (a folder or URI holding tables)")
-    return store
-
-
 def _ls(args: argparse.Namespace) -> int:
-    store = _open(args.tables)
-    summaries = store.devices()
+    # The api is imported here so `fleetprune --help` does not pay for pyarrow and pandas.
+    from fleetprune.api.tables import list_tables
+
+    summaries = list_tables(args.tables)
     if not summaries:
         print(f"no device tables under {args.tables}")
         return 0
@@ -93,13 +84,11 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    table = _open(args.tables).read(args.device)
-    frame = table.frame
-    filters = {"op": args.op, "batch": args.batch, "dtype": args.dtype, "memory_format": args.memory_format}
-    for col, value in filters.items():
-        if value is not None:
-            frame = frame[frame[col] == value]
-    frame = frame.sort_values(_CONFIG_ORDER, kind="stable")
+    from fleetprune.api.tables import show_table
+
+    shown_rows = show_table(args.tables, args.device, op=args.op, batch=args.batch, dtype=args.dtype,
+                            memory_format=args.memory_format)
+    table, frame = shown_rows.table, shown_rows.frame
     total = len(frame)
     shown = frame if args.limit <= 0 else frame.head(args.limit)
     rows = [
@@ -122,23 +111,25 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    store = _open(args.tables)
-    defects = store.validate()
+    from fleetprune.api.tables import check_tables
+
+    check = check_tables(args.tables)
+    defects = check.defects
     for d in defects:
         print(d)
     if defects:
         files = len({d.file for d in defects})
         print(f"{len(defects)} defect(s) in {files} file(s) under {args.tables}")
         return 1
-    summaries = store.devices()
+    summaries = check.devices
     print(f"ok: {len(summaries)} device(s), {sum(s.rows for s in summaries)} configurations, no defects")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    source = _open(args.source)
-    dest = _open(args.tables, must_exist=False)
-    copied = dest.merge_from(source)
+    from fleetprune.api.tables import merge_tables
+
+    copied = merge_tables(args.tables, args.source)
     print(f"copied {copied} row(s) from {args.source} into {args.tables}")
     return 0
 
@@ -146,26 +137,19 @@ def _merge(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     import numpy as np
 
-    store = _open(args.tables)
-    a, b = store.read(args.device_a), store.read(args.device_b)
-    fa = a.frame.set_index("key")
-    fb = b.frame.set_index("key")
-    common = fa.index.intersection(fb.index)
-    joined = fa.loc[common].sort_values(_CONFIG_ORDER, kind="stable")
-    ms_a = joined["lat_ms"].to_numpy(float)
-    ms_b = fb.loc[joined.index, "lat_ms"].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = ms_b / ms_a
+    from fleetprune.api.tables import diff_tables
+
+    diff = diff_tables(args.tables, args.device_a, args.device_b)
+    joined, ms_a, ms_b, ratio = diff.frame, diff.ms_a, diff.ms_b, diff.ratio
     order = np.argsort(ratio, kind="stable") if args.sort == "ratio" else np.arange(len(ratio))
     if args.limit > 0:
         order = order[: args.limit]
     rows = [[joined.index[i], _ms(ms_a[i]), _ms(ms_b[i]), _ratio(ratio[i])] for i in order]
     if rows:
         print(_grid(["CONFIGURATION", f"{args.device_a} MS", f"{args.device_b} MS", "B/A"], rows, right={1, 2, 3}))
-    only_a, only_b = len(fa.index.difference(fb.index)), len(fb.index.difference(fa.index))
     print(
-        f"common configurations: {len(common)} ({len(rows)} shown); "
-        f"only in {args.device_a}: {only_a}; only in {args.device_b}: {only_b}"
+        f"common configurations: {len(joined)} ({len(rows)} shown); "
+        f"only in {args.device_a}: {diff.only_a}; only in {args.device_b}: {diff.only_b}"
     )
     finite = ratio[np.isfinite(ratio)]
     if len(finite):
@@ -176,12 +160,6 @@ def _diff(args: argparse.Namespace) -> int:
     else:
         print("latency ratio: no common configuration to compare")
     return 0
-
-
-# Row order of show and diff: by layer signature, then by channels numerically.
-_CONFIG_ORDER = [
-    "op", "batch", "dtype", "memory_format", "kh", "kw", "sh", "sw", "in_h", "in_w", "groups", "cin", "cout", "act"
-]
 
 
 def _text(value: Any) -> str:
