@@ -98,34 +98,41 @@ def profile_local(
     refuse_fp16_on_cpu(chosen, source)
     runs: list[DeviceRun] = []
     first_ready: float | None = None
-    for t in chosen:
-        from fleetprune.profiler import provenance
+    ledger = None
+    try:
+        for t in chosen:
+            from fleetprune.profiler import provenance
 
-        index = _cuda_index(t.key) if t.kind == "cuda" else 0
-        kind_configs = list(source(t.kind))
-        record = ActorRecord(node_id="local", pid=os.getpid(), state="running")
-        try:
-            device = spec.device(t.kind, t.name, threads=t.threads, index=index, label=t.label)
-            timer = spec.build(device)
-        except DeviceError as exc:
-            record.state, record.error = "failed to start", str(exc)
-            keys = tuple(c.key for c in todo_configs(kind_configs, set()))
-            runs.append(DeviceRun(spec.table_key(t.name, t.key) or t.name, t.name, t.kind, t.label,
-                                  total=len(keys), failures=[Failure(keys, str(exc))], actors=[record]))
-            continue
-        ledger = open_ledger(store, kind_configs, key=device.key, device_type=t.name, kind=t.kind,
-                             label=device.name, workers=1, chunk_size=chunk_size, seed=seed, progress=progress,
-                             statistic=spec.statistic)
-        ledger.run.actors.append(record)
-        runs.append(ledger.run)
-        first_ready = first_ready or time.perf_counter()
-        prov = provenance(device, getattr(timer, "protocol", None))
-        while (chunk := ledger.take()) is not None:
-            result = measure_chunk(timer, chunk.configs, seed=seed + chunk.index)
-            if result.rows:
-                store.write(device.key, result.rows, prov)
-            ledger.returned(chunk, result, record)
-        record.state = "finished"
+            index = _cuda_index(t.key) if t.kind == "cuda" else 0
+            kind_configs = list(source(t.kind))
+            record = ActorRecord(node_id="local", pid=os.getpid(), state="running")
+            try:
+                device = spec.device(t.kind, t.name, threads=t.threads, index=index, label=t.label)
+                timer = spec.build(device)
+            except DeviceError as exc:
+                record.state, record.error = "failed to start", str(exc)
+                keys = tuple(c.key for c in todo_configs(kind_configs, set()))
+                runs.append(DeviceRun(spec.table_key(t.name, t.key) or t.name, t.name, t.kind, t.label,
+                                      total=len(keys), failures=[Failure(keys, str(exc))], actors=[record]))
+                continue
+            # Holds the device's profile lock (waits for another run of it on this root) until closed.
+            ledger = open_ledger(store, kind_configs, key=device.key, device_type=t.name, kind=t.kind,
+                                 label=device.name, workers=1, chunk_size=chunk_size, seed=seed, progress=progress,
+                                 statistic=spec.statistic)
+            ledger.run.actors.append(record)
+            runs.append(ledger.run)
+            first_ready = first_ready or time.perf_counter()
+            prov = provenance(device, getattr(timer, "protocol", None))
+            while (chunk := ledger.take()) is not None:
+                result = measure_chunk(timer, chunk.configs, seed=seed + chunk.index)
+                if result.rows:
+                    store.write(device.key, result.rows, prov)
+                ledger.returned(chunk, result, record)
+            record.state = "finished"
+            ledger.close()
+    finally:
+        if ledger is not None:
+            ledger.close()
     return RunSummary(
         tables=store.root,
         address="none",

@@ -256,7 +256,7 @@ class _FleetRun:
             served = any(l.ledger is ledger for l in self.lives)
             if ledger.run.device_type == type_name and other != key and not served and ledger.in_flight == 0:
                 log.warning("%s: its actors measure as %s, not %s as probed; using %s", type_name, key, other, key)
-                del self.ledgers[other]
+                self.ledgers.pop(other).close()
 
     def open_barriers(self) -> None:
         """Start the ready actors of every type whose actors are all up (or whose start grace is over).
@@ -360,9 +360,11 @@ class _FleetRun:
     # ---- the end -----------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Kill every actor of the run (they hold GPUs and cores)."""
+        """Kill every actor of the run (they hold GPUs and cores) and free the tables' profile locks."""
         import ray
 
+        for ledger in self.ledgers.values():
+            ledger.close()
         for live in self.lives:
             if live.state != "dead":
                 if live.record.state == "running":

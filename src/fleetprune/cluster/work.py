@@ -154,16 +154,25 @@ class Ledger:
         run: the summary entry it fills (device key, type, totals).
         chunks: the chunks to measure.
         progress: called after each chunk is written.
+        lock: the table's profile lock (``TableStore.lock_device``), freed by :meth:`close`.
     """
 
-    def __init__(self, run: DeviceRun, chunks: list[Chunk], progress: ProgressCallback | None = None):
+    def __init__(self, run: DeviceRun, chunks: list[Chunk], progress: ProgressCallback | None = None,
+                 lock: Any = None):
         self.run = run
+        self.lock = lock
         self.pending: deque[Chunk] = deque(chunks)
         self.in_flight = 0
         self.provenance: dict[str, Any] | None = None
         self._progress = progress
         self._started: float | None = None
         self._last: float | None = None
+
+    def close(self) -> None:
+        """Free the table's profile lock, so a waiting profile of the same device may go on."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def finished(self) -> bool:
@@ -231,14 +240,21 @@ def open_ledger(store: "TableStore", configs: Sequence[LayerConfig], *, key: str
                 progress: ProgressCallback | None, statistic: str | None = None) -> Ledger:
     """The ledger of table key ``key``: what of ``configs`` its table still lacks, cut into chunks.
 
-    With ``statistic``, rows the table holds with another statistic count as lacking.
+    With ``statistic``, rows the table holds with another statistic count as lacking. The table's
+    profile lock is taken first (waiting for another process profiling ``key`` into the same root),
+    so what that process measured counts as done; the ledger holds it until :meth:`Ledger.close`.
     """
-    todo = todo_configs(configs, store.measured_keys(key, statistic))
+    lock = store.lock_device(key)
+    try:
+        todo = todo_configs(configs, store.measured_keys(key, statistic))
+    except BaseException:
+        lock.release()
+        raise
     size = chunk_size_for(len(todo), workers, chunk_size)
     total = unique_count(configs)
     run = DeviceRun(device_key=key, device_type=device_type, kind=kind, label=label, total=total,
                     skipped=total - len(todo))
-    ledger = Ledger(run, make_chunks(todo, size, seed=seed), progress)
+    ledger = Ledger(run, make_chunks(todo, size, seed=seed), progress, lock)
     log.info("%s (%s): %d configurations, %d already measured, chunks of %d", key, device_type, total,
              run.skipped, size)
     ledger.notify()

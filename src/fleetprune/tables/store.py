@@ -20,8 +20,14 @@ import re
 import shlex
 import uuid
 from dataclasses import dataclass, field
+import threading
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: profiles run without the lock
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pandas as pd
@@ -51,6 +57,8 @@ VALIDATION = "validation.parquet"
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Filesystems (by pyarrow type name) whose files die with the process: a table there is lost work.
 _EPHEMERAL = ("mock",)
+# The advisory lock of one device's profile: ROOT/.profile-<KEY>.lock (readers skip dot files).
+LOCK_PREFIX = ".profile-"
 # How many example keys a defect's detail names.
 _EXAMPLES = 5
 
@@ -101,6 +109,55 @@ class _BadPart(Exception):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+
+
+class DeviceLock:
+    """An advisory lock held on one device's table while it is profiled; :meth:`release` frees it.
+
+    Reentrant within a process (a count per lock file), so one process never waits for itself;
+    a no-op lock (nothing held) where the root cannot be locked.
+    """
+
+    _held: dict[str, list[int]] = {}  # lock path -> [fd, holders in this process]
+    _guard = threading.Lock()
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds a real lock (False for roots that cannot be locked)."""
+        return self.path is not None
+
+    def release(self) -> None:
+        """Free the lock (idempotent); the file stays, so no waiter ever locks a deleted file."""
+        path, self.path = self.path, None
+        if path is None:
+            return
+        with DeviceLock._guard:
+            entry = DeviceLock._held.get(path)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del DeviceLock._held[path]
+        try:
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+        finally:
+            os.close(entry[0])
+
+    def __enter__(self) -> "DeviceLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class TableStore:
@@ -251,6 +308,51 @@ class TableStore:
         final = self._write_atomic(folder, table)
         log.info("appended %d validation rows to %s", table.num_rows, self._display(final))
         return self._display(final)
+
+    def lock_device(self, device_key: str) -> DeviceLock:
+        """Take the advisory lock of ``device_key``'s profile under this root, waiting for another
+        process that holds it (logged: "waiting for another profile of KEY in ROOT (pid N)").
+
+        Two profiles of one device on one root then never measure a configuration twice: the second
+        reads what the first wrote once it may go on. Only local roots are locked (``fcntl.flock`` on
+        ``ROOT/.profile-<KEY>.lock``); other filesystems, and roots this process cannot write, get a
+        no-op lock (logged). Release it with ``release()`` or a ``with`` block.
+        """
+        check_device_key(device_key)
+        if fcntl is None or not isinstance(self._fs, pafs.LocalFileSystem):
+            log.info("no lock for the profile of %s: %s is not a local folder (two profiles of one device "
+                     "at once would both measure)", device_key, self.root)
+            return DeviceLock()
+        path = posixpath.join(self._base, f"{LOCK_PREFIX}{device_key}.lock")
+        with DeviceLock._guard:
+            entry = DeviceLock._held.get(path)
+            if entry is not None:
+                entry[1] += 1
+                return DeviceLock(path)
+        try:
+            os.makedirs(self._base, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.info("no lock for the profile of %s in %s (%s)", device_key, self.root, exc.strerror or exc)
+            return DeviceLock()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                log.warning("waiting for another profile of %s in %s (pid %s); then only what it has not "
+                            "measured is measured", device_key, self.root, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                log.warning("the other profile of %s in %s is done; measuring what is still missing",
+                            device_key, self.root)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        with DeviceLock._guard:
+            DeviceLock._held[path] = [fd, 1]
+        return DeviceLock(path)
 
     # ---- reading ---------------------------------------------------------------------------
 
