@@ -11,6 +11,7 @@ Defaults (shared with ``fleetprune profile``):
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Sequence
 
@@ -187,13 +188,23 @@ def profile(
         from fleetprune.cluster.connect import connect
         from fleetprune.cluster.run import profile_fleet
 
+        keep = _caller_sigterm()
         with connect(ray_address) as conn:
+            if keep is not None and signal.getsignal(signal.SIGTERM) is not keep:  # a CLI's Ctrl-C-like exit
+                signal.signal(signal.SIGTERM, keep)  # type: ignore[arg-type]
             connected = time.perf_counter()
             summary = profile_fleet(configs_for, store, max_retries=max_retries, address=conn.display, **common)
         summary.startup_s += connected - started
     summary.seconds = time.perf_counter() - started
     log.info("profile %s: %d measured, %d failed, %.1f s", model, summary.measured, summary.failed, summary.seconds)
     return summary
+
+
+def _caller_sigterm() -> object:
+    """The SIGTERM handler the caller installed (a Python function), or None. Starting Ray replaces
+    it with one that exits through a native stack dump; profile() puts the caller's back."""
+    current = signal.getsignal(signal.SIGTERM)
+    return current if callable(current) else None
 
 
 def _refuse_fp16_here(configs_for, devices, threads, backend) -> None:  # noqa: ANN001 - see profile()

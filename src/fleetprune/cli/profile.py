@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from fleetprune.cli.fleet import add_cluster_options, input_size, positive_int
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: unwinds like Ctrl-C (chunks written stay, actors and Ray are shut down)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM into :class:`Terminated` for the ``with`` block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the clean-up finish
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 MEMORY_FORMAT_CHOICES = ("nchw", "nhwc")
 
 
@@ -91,13 +118,18 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("fleetprune.profiler.run").setLevel(logging.ERROR)
     bars = ProgressBars()
     try:
-        summary = profile(
-            args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
-            round_to=args.round_to, input_size=input_size(args.input_size), num_classes=args.num_classes,
-            max_choices=args.max_choices, tables=args.tables, devices=args.devices, ray_address=args.ray_address,
-            threads=args.threads, quick=args.quick, backend=_backend(args.backend), chunk_size=args.chunk_size,
-            progress=bars,
-        )
+        with sigterm_as_interrupt():
+            summary = profile(
+                args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
+                round_to=args.round_to, input_size=input_size(args.input_size), num_classes=args.num_classes,
+                max_choices=args.max_choices, tables=args.tables, devices=args.devices,
+                ray_address=args.ray_address, threads=args.threads, quick=args.quick,
+                backend=_backend(args.backend), chunk_size=args.chunk_size, progress=bars,
+            )
+    except Terminated:
+        bars.close()
+        print("terminated: everything measured so far is saved; rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     finally:
         bars.close()
     print(summary.format())
