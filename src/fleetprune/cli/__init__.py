@@ -10,7 +10,7 @@ import sys
 from fleetprune.errors import FleetpruneError
 
 # Verb modules under fleetprune.cli; each defines register(subparsers) which sets ``func``.
-VERBS = ("profile", "fleet", "tables", "prune", "train", "validate", "report")
+VERBS = ("profile", "fleet", "tables", "prune", "train", "validate", "report", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

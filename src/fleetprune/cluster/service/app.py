@@ -161,9 +161,13 @@ def wait_until_stopped(poll_s: float = 1.0, should_stop: Callable[[], bool] | No
 
 
 def stop_service(root: str | None = None) -> None:
-    """Delete the application and shut Serve down (its replicas, proxy and controller)."""
+    """Stop handing out work, then shut Serve down (replicas drain: chunks in flight are written first)."""
     from ray import serve
 
+    try:
+        coordinator_handle().stop.remote().result(timeout_s=30)
+    except Exception as exc:  # noqa: BLE001 - not deployed, or already gone
+        log.debug("coordinator stop: %s", exc)
     try:
         serve.shutdown()
     except Exception as exc:  # noqa: BLE001 - already gone

@@ -53,11 +53,12 @@ class Slot:
     chunks: int = 0
     rows: int = 0
     restarts: int = 0
+    ran_on: str | None = None  # the node the replica itself reports (must be node_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "device_type": self.device_type.name, "device_key": self.key,
                 "node_id": self.node_id, "pid": self.pid, "state": self.state, "chunks": self.chunks,
-                "rows": self.rows, "restarts": self.restarts, "error": self.error}
+                "rows": self.rows, "restarts": self.restarts, "error": self.error, "ran_on": self.ran_on}
 
 
 def _answer(fn):  # noqa: ANN001, ANN202 - decorator
@@ -144,7 +145,7 @@ class Coordinator:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _take_info(self, slot: Slot, info: dict[str, Any]) -> None:
-        slot.pid = info.get("pid")
+        slot.pid, slot.ran_on = info.get("pid"), info.get("node_id")
         slot.error = info.get("error")
         if slot.error:
             slot.state = "broken"
@@ -258,6 +259,8 @@ class Coordinator:
 
     def _pump(self) -> None:
         """Give every idle replica its next piece of work: a network to measure first, else a chunk."""
+        if self.stopping:  # shutting down: what is in flight finishes and is written, nothing new starts
+            return
         for slot in self.slots:
             if slot.state != "idle":
                 continue
@@ -372,6 +375,7 @@ class Coordinator:
                 "name": t.name, "kind": t.kind, "label": t.label, "device_key": key, "threads": t.threads,
                 "nodes": [{"node_id": n.node_id, "address": n.address, "cpus": n.cpus, "gpus": n.gpus} for n in t.nodes],
                 "replicas": [s.to_dict() for s in slots], "queued": len(self.queues[key]) if key in self.queues else 0,
+                "retried_chunks": self.queues[key].ledger.run.retried_chunks if key in self.queues else 0,
                 "table": None if summary is None else {"rows": summary.rows, "files": summary.files,
                                                        "last_measured": str(summary.last_measured or "")},
             })
@@ -389,7 +393,7 @@ class Coordinator:
         return {"boot": self.boot, "versions": dict(self.versions), "aliases": aliases}
 
     async def stop(self) -> dict[str, Any]:
-        """Ask the process that runs the service to shut it down."""
+        """Stop handing out work and ask the process that runs the service to shut it down."""
         self.stopping = True
         return {"stopping": True}
 
