@@ -107,12 +107,10 @@ def test_measure_model_on_cuda():
 
 def test_fold_bn_removes_batchnorm_and_keeps_outputs():
     """The network measured end to end is the deployed one: BN folded into its conv, same function."""
-    import copy
-
     import torch
     from torch import nn
 
-    from fleetprune.profiler.endtoend import _fold_bn
+    from fleetprune.deploy import fold_batchnorm
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
@@ -123,6 +121,7 @@ def test_fold_bn_removes_batchnorm_and_keeps_outputs():
     net.eval()
     x = torch.randn(2, 3, 8, 8)
     want = net(x)
-    folded = _fold_bn(copy.deepcopy(net), "test")
+    folded, ok = fold_batchnorm(net)
+    assert ok
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)

@@ -1,8 +1,9 @@
 """Pruning for this CPU from a table profiled here: the variant runs, is measured, and meets the budget.
 
 Tables are timed with the profiler's quick protocol, so the measured figures are rough; the tests
-assert on the table's predictions (exact given the table) and that a measurement happened. The
-predicted-versus-measured accuracy is a benchmark figure, not a test.
+assert on structure (the closed loop measured the variant beside the dense model, every round is
+recorded and its figures are consistent), never on what this machine's timings happen to be. Whether
+variants land on their budget is a benchmark figure (benchmarks/prune_cpu.py), not a test.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def _check(result, budget_fraction: float, input_shape=(3, 32, 32)) -> None:
     assert result.dense_measured_ms is not None and result.dense_measured_ms > 0
     assert result.measured_ms is not None and result.measured_ms > 0
     assert result.budget_ms == pytest.approx(budget_fraction * result.dense_ms)
-    assert result.predicted_ms <= result.budget_ms * (1 + 1e-9)
+    v = report["verification"]
+    assert v["status"] in ("met", "over", "under") and v["measured_on"]["via"] == "this process"
+    assert result.verification == v["status"] and v["rounds"][-1]["final"]
+    for r in v["rounds"]:  # every share is the variant over the budget taken of the dense model beside it
+        assert r["share"] == pytest.approx(r["measured_ms"] / (budget_fraction * r["dense_measured_ms"]))
+    assert result.measured_ms == v["rounds"][-1]["measured_ms"]
     model = load_variant(result.folder)
     with torch.no_grad():
         y = model(torch.randn(2, *input_shape))
@@ -57,12 +63,11 @@ def test_prune_resnet20_for_this_cpu_through_the_cli(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "v" / key / "report.json").read_text())
     assert report["measured_ms"] > 0 and report["dense_measured_ms"] > 0
-    assert report["latency_fit"] == "offset" and report["narrow_measured_ms"] is None
+    assert report["latency_fit"] == "offset" and report["narrow_measured_ms"] > 0  # measured for the floor
     assert report["fixed_source"] == FIXED_MEASURED
     assert report["fixed_ms"] == pytest.approx(max(0.0, report["dense_measured_ms"] - report["dense_layer_sum_ms"]))
-    assert report["predicted_ms"] <= report["budget_ms"] + 1e-9
     out = capsys.readouterr().out
-    assert key in out and f"{report['measured_ms']:.3f} ms" in out
+    assert key in out and f"{report['measured_ms']:.3f} ms" in out and report["verdict"] in out
 
 
 def test_the_default_two_point_fit_measures_the_narrowest_network_too(tmp_path):
@@ -88,7 +93,7 @@ def test_an_unknown_latency_fit_is_refused(tmp_path):
     ((10.0, 40.0, 4.0, 1.0), None),  # slope 6.5
 ])
 def test_two_point_line(points, expected):
-    from fleetprune.api.prune import two_point_line
+    from fleetprune.pruner.calibrate import two_point_line
 
     got = two_point_line(*points)
     assert got == (None if expected is None else pytest.approx(expected))
@@ -118,33 +123,9 @@ def test_prune_imagenet_models_at_a_small_input_for_this_cpu(tmp_path, name, rou
         [res] = prune(name, tables=root, devices="all", budget=budget, out=tmp_path / f"v{budget}", steps=3,
                       num_classes=10, input_size=size, round_to=round_to, max_choices=4, measure=False)
         assert res.fixed_source == "table rows only" and res.measured_ms is None
+        assert res.verification == "predicted only"
         assert res.budget_ms == pytest.approx(budget * res.dense_ms)
         assert res.predicted_ms <= res.budget_ms * (1 + 1e-9)
         model = load_variant(res.folder)
         with torch.no_grad():
             assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
-
-
-def _script(values):
-    calls = []
-
-    def measure():
-        calls.append(1)
-        return values[len(calls) - 1]
-
-    return measure, calls
-
-
-@pytest.mark.parametrize("values, expected, n_calls", [
-    ([52.0], 52.0, 1),  # close to the layer sum (50): one measurement
-    ([65.0, 53.0], 53.0, 2),  # disturbed, then undisturbed (53 is within 10%): the lower stands
-    ([65.0, 60.0, 57.0], 57.0, 3),  # still coming down: at most two more measurements
-    ([80.0, 79.5], 79.5, 2),  # a real fixed part: measuring again agrees, so stop
-    ([70.0, 75.0], 70.0, 2),  # the re-measure is worse: the first stands
-])
-def test_a_dense_measurement_far_above_the_layer_sum_is_taken_again(values, expected, n_calls):
-    from fleetprune.api.prune import measure_dense
-
-    measure, calls = _script(values)
-    assert measure_dense(measure, layer_sum=50.0) == expected
-    assert len(calls) == n_calls

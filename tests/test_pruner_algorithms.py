@@ -275,12 +275,29 @@ def test_integer_dp_on_exact_integers():
 
 
 def test_knapsack_rounding_loss_is_bounded():
+    """The DP rounds weights up and the capacity down by at most one step delta each: its answer fits
+    the real capacity and is worth at least the exact optimum of a capacity (M + 1) * delta smaller."""
     rng = np.random.default_rng(1)
-    rng.uniform(0, 1, (10, 8))  # the values once drawn here; kept so the weights stay the same draws
-    weights = [np.cumsum(rng.uniform(0.1, 1, 8)) for _ in range(10)]
+    classes, options = 6, 5
+    values = [np.sort(rng.uniform(0, 1, options)) for _ in range(classes)]
+    weights = [np.cumsum(rng.uniform(0.1, 1, options)) for _ in range(classes)]
     capacity = 0.5 * sum(w.max() for w in weights)
     inst = integerise(weights, capacity)
-    assert inst.delta * len(weights) <= capacity * 0.005 + 1e-12
+    assert inst.delta * classes <= capacity * 0.005 + 1e-12
+
+    def best(cap: float) -> float:  # brute force over all 5**6 choices
+        top = -math.inf
+        for pick in itertools.product(range(options), repeat=classes):
+            if sum(weights[j][k] for j, k in enumerate(pick)) <= cap:
+                top = max(top, sum(values[j][k] for j, k in enumerate(pick)))
+        return top
+
+    sol = solve_mckp(values, weights, capacity)
+    real_weight = sum(weights[j][k] for j, k in enumerate(sol.choice))
+    assert real_weight <= capacity + 1e-9 and sol.weight == pytest.approx(real_weight)
+    assert sol.value == pytest.approx(sum(values[j][k] for j, k in enumerate(sol.choice)))
+    assert sol.value >= best(capacity - (classes + 1) * sol.delta) - 1e-9
+    assert sol.value <= best(capacity) + 1e-9
 
 
 def test_infeasible_budget_names_the_minimum():

@@ -90,7 +90,7 @@ def test_variants_report_links_every_figure_at_its_size(tmp_path: Path) -> None:
     # Dense widths come from report.json, or else from the plan in widths.json.
     assert [v.dense_widths for v in load_variants(root).variants] == [GROUPS, GROUPS]
     # The unmeasured device is called out, not silently dropped.
-    assert "No measured latency for cuda-test-gpu" in text
+    assert "Predicted only (not measured on the device) for cuda-test-gpu" in text
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")], "no temp file left behind"
 
 

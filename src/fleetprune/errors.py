@@ -51,3 +51,10 @@ class DataError(FleetpruneError):
 
 class ReportError(FleetpruneError):
     """A folder that is neither a variants folder nor a table root, or is incomplete."""
+
+
+class DeviceLostError(DeviceError):
+    """A device that was measuring went away (its node died, its actor crashed) mid-way.
+
+    Callers fall back to what they can do without it (the pruner: the table's prediction only).
+    """

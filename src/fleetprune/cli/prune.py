@@ -46,7 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-choices", type=int, default=32,
                    help="most width choices per channel group (default 32); must match the profiled table")
     p.add_argument("--no-measure", action="store_true",
-                   help="do not measure end to end even when a device is this machine")
+                   help="measure nothing: every variant is pruned open-loop from its table (predicted only)")
+    p.add_argument("--verify-rounds", type=int, default=4, metavar="N",
+                   help="closed loop: measure each variant on its device beside the dense model and re-solve until "
+                   "it lands within 0.95-1.00 of the budget, at most N rounds (default 4; 0: open loop, the final "
+                   "variant still measured)")
+    p.add_argument("--ray-address", default="none", metavar="none|local|auto|HOST:PORT",
+                   help="where devices other than this machine are measured: none (default: this machine only; "
+                   "the others are pruned open-loop, 'predicted only'), or a Ray cluster with nodes of their types")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random starting weights when no --weights are given (default 0)")
     p.add_argument("--latency-fit", choices=["two-point", "offset"], default="two-point",
                    help="on this machine, without a validate correction: two-point (default) fits a * layer_sum + b "
                    "through the dense and the narrowest network measured end to end; offset adds the dense "
@@ -65,9 +74,9 @@ def _fmt(ms: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fleetprune.api import quick_protocol
     from fleetprune.api.prune import prune
     from fleetprune.errors import DataError, FleetpruneError
-    from fleetprune.profiler import TimingProtocol
 
     finetune = None
     if args.finetune_iters < 0:
@@ -86,20 +95,24 @@ def run(args: argparse.Namespace) -> int:
 
     def done(r) -> None:  # noqa: ANN001
         if not printed:
-            print(f"{'device':<36} {'dense':>12} {'budget':>12} {'predicted':>12} {'measured':>12}")
+            print(f"{'device':<36} {'dense':>12} {'budget':>12} {'predicted':>12} {'measured':>12}  verdict")
         printed.append(r.device_key)
+        v = r.report.get("verification") or {}
+        rounds = sum(1 for x in v.get("rounds", []) if not x.get("final"))
+        extra = f" ({rounds} round{'s' if rounds != 1 else ''})" if rounds else ""
+        note = f"; {v['note']}" if v.get("note") and r.verification != "met" else ""
         print(f"{r.device_key:<36} {_fmt(r.dense_ms):>12} {_fmt(r.budget_ms):>12} {_fmt(r.predicted_ms):>12} "
-              f"{_fmt(r.measured_ms):>12}", flush=True)
+              f"{_fmt(r.measured_ms):>12}  {r.verdict}{extra}{note}", flush=True)
 
     results = prune(
         args.model, tables=args.tables, devices=args.device, budget=args.budget, out=args.out, steps=args.steps,
         weights=args.weights, num_classes=args.num_classes, input_size=input_size(args.input_size),
         method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
         memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, verify_rounds=args.verify_rounds, ray_address=args.ray_address, seed=args.seed,
         finetune=finetune, measure=not args.no_measure, latency_fit=args.latency_fit,
         importance_kwargs={"coupled_reduce": args.coupled_reduce} if args.coupled_reduce else None,
-        protocol=TimingProtocol.quick() if args.quick else None, on_device_done=done,
+        protocol=quick_protocol() if args.quick else None, on_device_done=done,
     )
     print(f"{len(results)} variant{'s' if len(results) != 1 else ''} written to {args.out}")
     if not args.no_report:

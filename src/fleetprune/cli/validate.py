@@ -69,8 +69,8 @@ def _pct(x: float, digits: int = 1, signed: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fleetprune.api import quick_protocol
     from fleetprune.api.validate import validate
-    from fleetprune.profiler import TimingProtocol
 
     shape = parse_input_size(args.input_size, args.model)
     bars: list[tqdm] = []  # created once the checks pass, so an error is not printed under a bar
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.tables, args.device, variants=args.variants, batch=args.batch, dtype=args.dtype,
             memory_format=args.memory_format, input_shape=shape, round_to=args.round_to,
             max_choices=args.max_choices, seed=args.seed,
-            threads=args.threads, protocol=TimingProtocol.quick() if args.quick else None,
+            threads=args.threads, protocol=quick_protocol() if args.quick else None,
             fit=not args.no_fit, progress=progress, passes=args.passes,
         )
     finally:

@@ -1,7 +1,7 @@
 """fleetprune.cluster: the fleet's device types, pinned profiling actors, rows streamed into the tables.
 
 The only package that imports Ray, and only in ``connect`` (when asked to), ``discover``,
-``actors`` and ``run``; ``devices``, ``spec``, ``work``, ``summary`` and ``local`` (the
+``actors``, ``run`` and ``verify``; ``devices``, ``spec``, ``work``, ``summary`` and ``local`` (the
 ``--ray-address none`` path) never do. Names are exported lazily so that importing this package
 imports neither Ray nor torch.
 """
@@ -28,6 +28,8 @@ _EXPORTS = {
     "Failure": "summary",
     "ProgressEvent": "summary",
     "RunSummary": "summary",
+    "FleetMeasurer": "verify",
+    "Wanted": "verify",
 }
 
 __all__ = sorted(_EXPORTS)

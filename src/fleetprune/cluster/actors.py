@@ -54,6 +54,16 @@ class ProfilerActor:
         """Measure one chunk (seeded per chunk, so a retried chunk is shuffled the same way)."""
         return measure_chunk(self._backend, chunk.configs, seed=seed + chunk.index, node_id=self._node_id)
 
+    def measure_networks(self, builders: list[Any], input_shape: tuple[int, ...], dtype: str, memory_format: str,
+                         rounds: int = 3) -> dict[str, Any]:
+        """Build each network here (``builder()``: architecture and weights travel as data) and time them
+        side by side with this device's backend; the figures come back with where they were taken."""
+        models = [build() for build in builders]
+        found = self._backend.measure_networks(models, tuple(input_shape), dtype, memory_format, rounds=rounds)
+        statistic = self._backend.protocol.statistic if self._backend.protocol is not None else "min"
+        return {"ms": [m.latency(statistic) for m in found], "node_id": self._node_id, "pid": os.getpid(),
+                "device_key": self._backend.device.key}
+
 
 @dataclass
 class ActorHandle:

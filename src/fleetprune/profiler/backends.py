@@ -67,6 +67,14 @@ class TorchTimingBackend:
         finally:
             del module, x
 
+    def measure_networks(self, models: "list[torch.nn.Module]", input_shape: "tuple[int, ...]",
+                         dtype: str = "fp32", memory_format: str = "nchw", rounds: int = 3) -> list[Measurement]:
+        """Whole networks side by side, as deployed, with this backend's protocol
+        (:func:`~fleetprune.profiler.endtoend.measure_networks`)."""
+        from fleetprune.profiler.endtoend import measure_networks
+
+        return measure_networks(models, input_shape, self.device, dtype, memory_format, self.protocol, rounds=rounds)
+
     def __repr__(self) -> str:
         return f"TorchTimingBackend({self.device.key!r}, {self.protocol})"
 
@@ -121,5 +129,66 @@ class FakeTimingBackend:
         lat = self.latency_ms(config)
         return Measurement(median_ms=lat, p10_ms=lat, p90_ms=lat * 1.01, n=15, min_ms=lat)
 
+    # A network runs its layers slower than the sum of their fake rows, the more so the more weight a
+    # layer streams (as real ones do, their weights cold in cache): a shape the table alone misses,
+    # so that closed-loop verification has something to correct. Deterministic, like the rows.
+    NETWORK_OVERHEAD_MS = 0.05
+    NETWORK_STREAM_FACTOR = 0.6
+    NETWORK_STREAM_WEIGHTS = 64 * 64 * 9
+
+    def measure_networks(self, models: "list[torch.nn.Module]", input_shape: "tuple[int, ...]",
+                         dtype: str = "fp32", memory_format: str = "nchw", rounds: int = 1) -> list[Measurement]:
+        """Fake end-to-end measurements of whole networks (for placement tests only; sleeps ``cost_s`` each;
+        ``rounds`` is ignored: the figures are the same every time).
+
+        Every Conv2d and Linear that runs is priced with :meth:`latency_ms` at the shapes it sees
+        (forward hooks, batch from ``input_shape``), scaled up by how much weight it holds, plus a
+        fixed overhead.
+        """
+        shape = tuple(int(s) for s in input_shape)
+        shape = (1, *shape) if len(shape) == 3 else shape
+        out = []
+        for model in models:
+            self.calls += 1
+            if self.cost_s:
+                time.sleep(self.cost_s)
+            total = self.NETWORK_OVERHEAD_MS
+            for config in _network_configs(model, shape, dtype, memory_format):
+                weights = config.cin * config.cout * config.kh * config.kw / max(1, config.groups)
+                stream = self.NETWORK_STREAM_FACTOR * weights / (weights + self.NETWORK_STREAM_WEIGHTS)
+                total += self.latency_ms(config) * (1.0 + stream)
+            out.append(Measurement(median_ms=total, p10_ms=total, p90_ms=total * 1.01, n=15, min_ms=total))
+        return out
+
     def __repr__(self) -> str:
         return f"FakeTimingBackend({self.device.key!r}, cost_s={self.cost_s}, speed={self.speed})"
+
+
+def _network_configs(model: torch.nn.Module, shape: tuple[int, ...], dtype: str, memory_format: str) -> list[LayerConfig]:
+    """The layer configuration of every Conv2d and Linear a forward pass at ``shape`` runs."""
+    from torch import nn
+
+    found: list[LayerConfig] = []
+
+    def conv_hook(m: nn.Conv2d, inputs: tuple, _out: torch.Tensor) -> None:
+        _, cin, h, w = inputs[0].shape
+        depthwise = m.groups == cin and m.groups > 1 and m.out_channels % cin == 0
+        found.append(LayerConfig("dwconv" if depthwise else "conv", cin=cin, cout=m.out_channels,
+                                 kh=m.kernel_size[0], kw=m.kernel_size[1], sh=m.stride[0], sw=m.stride[1],
+                                 ph=int(m.padding[0]), pw=int(m.padding[1]), dilation=m.dilation[0],
+                                 groups=m.groups, in_h=h, in_w=w, batch=shape[0], dtype=dtype,
+                                 memory_format=memory_format))
+
+    def linear_hook(m: nn.Linear, inputs: tuple, _out: torch.Tensor) -> None:
+        found.append(LayerConfig("linear", cin=m.in_features, cout=m.out_features, batch=shape[0], dtype=dtype,
+                                 memory_format=memory_format, act="none"))
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return found

@@ -1,4 +1,4 @@
-"""End-to-end latency of a whole network (a pruned variant or the dense model) with the layer protocol."""
+"""End-to-end latency of whole networks (a pruned variant, the dense model) with the layer protocol."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from fleetprune.deploy import fold_batchnorm
 from fleetprune.errors import ProfileError
 from fleetprune.profiler.device import DeviceInfo
 from fleetprune.profiler.layers import MEMORY_FORMATS, TORCH_DTYPES, check_supported
 from fleetprune.profiler.timing import Measurement, TimingProtocol, time_callable, tune_allocator
 
 log = logging.getLogger(__name__)
+
+
+def _full_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    return (1, *shape) if len(shape) == 3 else shape
 
 
 def deployed_forward(
@@ -35,9 +41,7 @@ def deployed_forward(
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
+    shape = _full_shape(input_shape)
     what = f"model {type(model).__name__} with input {shape}"
     check_supported(dtype, memory_format, device, what)
     if device.is_fake:
@@ -53,7 +57,7 @@ def deployed_forward(
     try:
         net = net.eval().requires_grad_(False)
         if fold_bn:
-            net = _fold_bn(net, what)
+            net, _ = fold_batchnorm(net, inplace=True)
         net = net.to(device=dev, dtype=torch_dtype)
         x = torch.randn(*shape, device=dev, dtype=torch_dtype)
         if len(shape) == 4:
@@ -69,6 +73,47 @@ def deployed_forward(
     return lambda: net(x)
 
 
+def measure_networks(
+    models: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    device: DeviceInfo,
+    dtype: str = "fp32",
+    memory_format: str = "nchw",
+    protocol: TimingProtocol | None = None,
+    fold_bn: bool = True,
+    rounds: int = 3,
+) -> list[Measurement]:
+    """Time several networks side by side: prepared once each, then ``rounds`` interleaved rounds
+    (network 1, 2, ..., n, then again), keeping each network's best round (the protocol's statistic).
+
+    Whole-network latency on a shared machine drifts by 10-30% within a minute, so figures that are
+    compared (a variant against its dense model, as a budget "0.5 of dense" means) must come from
+    the same rounds; interference only ever adds time, so the lowest round is the least disturbed.
+
+    Args:
+        models: the networks; none is changed (each is copied, see :func:`deployed_forward`).
+        input_shape: ``(N, C, H, W)``; a 3-tuple ``(C, H, W)`` means batch 1.
+        device, dtype, memory_format, protocol, fold_bn: as :func:`measure_model`.
+        rounds: interleaved rounds (at least 1).
+
+    Raises:
+        ProfileError: a network cannot run with that input, dtype or memory format on the device.
+    """
+    protocol = protocol if protocol is not None else TimingProtocol()
+    forwards = [deployed_forward(m, input_shape, device, dtype, memory_format, fold_bn) for m in models]
+    best: list[Measurement | None] = [None] * len(forwards)
+    try:
+        with torch.inference_mode():
+            for _ in range(max(1, int(rounds))):
+                for i, forward in enumerate(forwards):
+                    m = time_callable(forward, device, protocol)
+                    if best[i] is None or protocol.latency(m) < protocol.latency(best[i]):
+                        best[i] = m
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ProfileError(f"networks do not fit the memory of {device.key}: {exc}") from exc
+    return [m for m in best if m is not None]
+
+
 def measure_model(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -81,8 +126,8 @@ def measure_model(
 ) -> Measurement:
     """Time one forward pass of ``model`` on ``device`` as deployed: eval mode, inference mode.
 
-    Batch norm is folded as deployment does (``fold_bn``); nothing else is fused. The caller's model is not changed (a
-    copy is moved to the device, dtype and memory format: :func:`deployed_forward`).
+    Batch norm is folded as deployment does (``fold_bn``); nothing else is fused. The caller's model is
+    not changed (a copy is moved to the device, dtype and memory format: :func:`deployed_forward`).
 
     Args:
         input_shape: the full input shape ``(N, C, H, W)``; a 3-tuple ``(C, H, W)`` means batch 1.
@@ -99,22 +144,4 @@ def measure_model(
     Raises:
         ProfileError: the model cannot run with that input, dtype or memory format on the device.
     """
-    protocol = protocol if protocol is not None else TimingProtocol()
-    forward = deployed_forward(model, input_shape, device, dtype, memory_format, fold_bn)
-    try:
-        with torch.inference_mode():
-            runs = [time_callable(forward, device, protocol) for _ in range(max(1, int(rounds)))]
-            return min(runs, key=protocol.latency)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise ProfileError(f"model {type(model).__name__}: does not fit the memory of {device.key}: {exc}") from exc
-
-
-def _fold_bn(net: nn.Module, what: str) -> nn.Module:
-    """``net`` with BatchNorm folded into the preceding conv/linear (eval mode), or as-is."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        return fuse(net, inplace=True)
-    except Exception as exc:  # noqa: BLE001 - tracing can fail in many ways; timing unfolded is still valid
-        log.warning("%s: cannot fold batch norm (%s); measuring it unfolded", what, exc)
-        return net
+    return measure_networks([model], input_shape, device, dtype, memory_format, protocol, fold_bn, rounds)[0]

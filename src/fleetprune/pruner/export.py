@@ -9,13 +9,13 @@ graph see differently fails here instead of in deployment.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from fleetprune.deploy import fold_batchnorm  # re-exported: deploy.py is the one place that folds
 from fleetprune.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -199,24 +199,3 @@ def shrink_to_widths(
     if unknown:
         raise ModelError(f"widths name groups the plan does not have: {unknown}")
     return remove_channels(model, plan, keep, example_input)
-
-
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
-    """An eval-mode copy of ``model`` with every conv -> batch norm pair folded, as deployment runs it.
-
-    A table row prices a conv with its batch norm folded in (``LayerConfig``), so the end-to-end
-    measurement that checks a prediction, and the exported TorchScript, use the folded network too.
-    Folding uses ``torch.fx`` (it skips a conv whose output has other users). A model that fx cannot
-    trace is returned unfolded.
-
-    Returns:
-        ``(module, folded)``; ``folded`` is False when the copy is the model as given.
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    net = copy.deepcopy(model).eval()
-    try:
-        return fuse(net, inplace=True), True
-    except Exception as exc:  # noqa: BLE001 - fx raises many kinds for untraceable code
-        log.warning("cannot fold the batch norms of %s (%s); using it as given", type(model).__name__, exc)
-        return copy.deepcopy(model).eval(), False

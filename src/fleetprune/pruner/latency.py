@@ -155,6 +155,35 @@ class LatencyModel:
         return self.predict(self._dense)
 
     def min_widths(self, current: Widths | None = None) -> dict[str, int]:
+        """The fastest widths the table knows of (never above ``current``), found by coordinate descent.
+
+        Starts with every prunable group at its smallest choice and moves one group at a time to the
+        choice that lowers the predicted latency most, until no move helps. On a monotone table
+        that is the narrowest network; on a table that is not (a wider conv can run faster on some
+        kernels), the narrowest network is not the fastest, and refusing a budget because the
+        narrowest is too slow would refuse a reachable one.
+        """
+        full = self.full_widths(current)
+        options = {name: [c for c in g.choices if c <= full[name]] or [full[name]]
+                   for name, g in self._groups.items() if g.prunable}
+        widths = dict(full)
+        widths.update({name: min(opts) for name, opts in options.items()})
+        for _ in range(4 * max(1, len(options))):
+            improved = False
+            for name, opts in options.items():
+                if len(opts) < 2:
+                    continue
+                here = widths[name]
+                costs = {w: self.delta_ms(widths, name, w) for w in opts}
+                best = min(opts, key=lambda w: (costs[w], w))
+                if costs[best] < -1e-12 and best != here:
+                    widths[name] = best
+                    improved = True
+            if not improved:
+                break
+        return widths
+
+    def narrowest_widths(self, current: Widths | None = None) -> dict[str, int]:
         """Every prunable group at its smallest choice (never above its current width)."""
         full = self.full_widths(current)
         for name, g in self._groups.items():
@@ -164,7 +193,7 @@ class LatencyModel:
         return full
 
     def min_latency(self, current: Widths | None = None) -> float:
-        """The smallest reachable modeled latency: all prunable groups at their smallest choice."""
+        """The smallest reachable modeled latency (at :meth:`min_widths`)."""
         return self.predict(self.min_widths(current))
 
     def delta_ms(self, widths: Widths, group: str, new_width: int) -> float:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fleetprune.errors import BudgetError
 from fleetprune.pruner.schedule import exponential_schedule
-from fleetprune.pruner.scores import make_importance
+from fleetprune.pruner.scores import check_finite, make_importance
 from fleetprune.pruner.solve import choose_widths
 from fleetprune.pruner.units import update_masks
 
@@ -214,6 +214,7 @@ def progressive_prune(
     for t, target in enumerate(targets, start=1):
         model.eval()
         scores = importance.scores(model, plan, masks)
+        check_finite(scores)
         choice = choose_widths(plan, latency, scores, masks, target, solver=solver, policy=policy)
         masks = update_masks(plan, scores, masks, choice.widths)
         apply_masks(model, plan, masks)

@@ -319,3 +319,35 @@ def make_importance(name: str, **kwargs: Any) -> Importance:
     if name not in classes:
         raise ValueError(f"unknown importance {name!r}; choose one of {IMPORTANCES}")
     return classes[name](**kwargs)
+
+
+def importance_options(method: str, importance_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The channel importance ``method`` uses with ``importance_kwargs``, as ``{"name": ..., option: value}``
+    (defaults filled in: what report.json records). ``uniform`` ranks channels with SP-LAMP.
+
+    Raises:
+        FleetpruneError: options the importance does not take.
+    """
+    from fleetprune.errors import FleetpruneError
+
+    name = "sp_lamp" if method == "uniform" else method
+    try:
+        imp = make_importance(name, **dict(importance_kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise FleetpruneError(f"bad options {dict(importance_kwargs or {})} for method {method!r} ({exc}); "
+                              "coupled_reduce, fold_bn and include_consumers are SP-LAMP (and uniform) options") from exc
+    return {"name": name, **{k: v for k, v in vars(imp).items() if not k.startswith("_")}}
+
+
+def check_finite(scores: Scores) -> None:
+    """Refuse scores that are not finite (weights holding NaN or inf): pruning on them would keep
+    arbitrary channels and write a broken variant.
+
+    Raises:
+        ModelError: naming the groups.
+    """
+    bad = [g for g, s in scores.items() if not bool(torch.isfinite(s).all())]
+    if bad:
+        raise ModelError(f"channel scores are not finite in {len(bad)} group(s) ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}): the model's weights hold NaN or inf values; "
+                         "check the checkpoint (--weights) or retrain")

@@ -35,20 +35,22 @@ def variants_report(folder: VariantsFolder) -> Report:
 
     overview = Section("Variants", [table(
         ["device", "budget ms", "dense ms", "dense measured ms", "predicted ms", "measured ms", "rel. error",
-         "speed-up (pred.)", "fixed part from", "steps", "solver s"],
+         "speed-up (pred.)", "verdict", "verify rounds", "fixed part from", "steps", "solver s"],
         [
             [v.device_key, v.budget_ms, v.dense_ms, v.dense_measured_ms, v.predicted_ms, v.measured_ms,
              _rel_error(v.predicted_ms, v.measured_ms),
              v.dense_ms / v.predicted_ms if v.dense_ms and v.predicted_ms else None,
-             v.fixed_source, len(v.steps), v.solver_time_s]
+             v.verdict or "predicted only", len(v.rounds), v.fixed_source, len(v.steps), v.solver_time_s]
             for v in variants
         ],
     )])
     missing = [v.device_key for v in variants if v.measured_ms is None]
     if missing:
         overview.parts.append(note(
-            f"No measured latency for {', '.join(missing)} (not measured when pruned); "
-            "run `fleetprune validate` on that device to measure it."
+            f"Predicted only (not measured on the device) for {', '.join(missing)}: "
+            + "; ".join(f"{v.device_key}: {v.verify_note}" for v in variants if v.measured_ms is None and v.verify_note)
+            + (". " if any(v.verify_note for v in variants if v.measured_ms is None) else "")
+            + "Prune with --ray-address pointing at a cluster that has nodes of these types to verify them."
         ))
 
     groups, dense = folder.groups, folder.dense_widths

@@ -52,6 +52,9 @@ class Variant:
     model: str | None = None
     dense_measured_ms: float | None = None
     fixed_source: str | None = None
+    rounds: list[Step] = field(default_factory=list)
+    verdict: str | None = None
+    verify_note: str | None = None
 
 
 @dataclass
@@ -194,6 +197,15 @@ def _steps(report: dict[str, Any]) -> list[Step]:
     return steps
 
 
+def _rounds(verification: Any) -> list[Step]:
+    """The closed-loop rounds of ``report.json``'s ``verification`` (the final measurement last)."""
+    if not isinstance(verification, dict):
+        return []
+    return [Step(step=i, target_ms=_float(r.get("target_ms")), predicted_ms=_float(r.get("predicted_ms")),
+                 measured_ms=_float(r.get("measured_ms")))
+            for i, r in enumerate(verification.get("rounds") or [], start=1) if isinstance(r, dict)]
+
+
 def _measured(report: dict[str, Any]) -> float | None:
     value = _first(report, "measured_ms", "measured")
     if isinstance(value, dict):  # a Measurement record
@@ -236,6 +248,9 @@ def load_variants(root: Path, devices: list[str] | None = None) -> VariantsFolde
                 model=_first(widths_doc, "model", "model_name"),
                 dense_measured_ms=_float(_first(report, "dense_measured_ms")),
                 fixed_source=_first(report, "fixed_source"),
+                rounds=_rounds(report.get("verification")),
+                verdict=(report.get("verification") or {}).get("verdict"),
+                verify_note=(report.get("verification") or {}).get("note") or None,
             )
         )
     log.info("read %d variants from %s", len(variants), root)

@@ -138,6 +138,15 @@ def schedule_plot(variants: list[Variant], colors: dict[str, tuple]) -> Plot:
         if measured:
             ax.plot(*zip(*measured), linestyle="none", marker="x", color="black", label="measured")
         last = steps[-1] if steps else 0
+        if v.rounds:  # closed-loop rounds after the last step: target, prediction and measurement of each
+            xs = [last + r.step for r in v.rounds]
+            ax.plot(xs, [np.nan if r.target_ms is None else r.target_ms for r in v.rounds], linestyle="none",
+                    marker="_", markersize=10, color="grey")
+            ax.plot(xs, [np.nan if r.predicted_ms is None else r.predicted_ms for r in v.rounds], linestyle="none",
+                    marker="o", markersize=4, color=color)
+            ax.plot(xs, [np.nan if r.measured_ms is None else r.measured_ms for r in v.rounds], linestyle="none",
+                    marker="x", color="black", label="verify rounds (measured)")
+            last = xs[-1]
         if v.measured_ms is not None:
             ax.plot([last], [v.measured_ms], linestyle="none", marker="*", markersize=12,
                     color="black", label="final measured")
@@ -155,7 +164,8 @@ def schedule_plot(variants: list[Variant], colors: dict[str, tuple]) -> Plot:
         "schedule",
         "Budget schedule",
         "Per device: each step's latency target (dashed), the predicted latency after the step "
-        "(step 0: the dense model), the final budget (red) and measured latency where recorded.",
+        "(step 0: the dense model), the final budget (red) and measured latency where recorded; after the "
+        "last step, each closed-loop round's target, prediction and measurement on the device.",
         width_px,
         height_px,
         fig,

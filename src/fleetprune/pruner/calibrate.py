@@ -1,0 +1,447 @@
+"""Calibration and closed-loop verification of the latency model against measured networks.
+
+The table prices layers timed alone; a network runs them with its weights cold, adds residual
+adds, pooling and per-op overhead. How the prediction becomes a budget that holds on the device:
+
+1. :func:`settle` gives the latency model a line ``measured ~ a * layer_sum + b``: a validate
+   correction stored in the table for this model and setting (fitted over many networks), else the
+   line through the dense and the narrowest network measured side by side on the device, else the
+   table alone (a device nobody can reach).
+2. :func:`close_loop` builds the variant the knapsack chooses, measures it beside the dense model,
+   and re-solves with a corrected table-space target (secant, or proportional where the secant has
+   no slope) until the measured latency lands within :data:`WINDOW` of the budget or the rounds are
+   spent.
+
+The pruner never times anything: every measurement comes through a ``measure`` callable that the
+caller passes (the profiler on this machine, or an actor pinned to the device type on a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from fleetprune.errors import BudgetError, DeviceLostError
+from fleetprune.pruner.latency import LatencyModel
+from fleetprune.pruner.schedule import Budget
+
+log = logging.getLogger(__name__)
+
+WINDOW = (0.95, 1.00)
+"""Measured latency / budget that counts as meeting a budget: not over it, and not more than 5% under
+(accuracy given away)."""
+GOAL = 0.975
+"""Where the closed loop aims inside :data:`WINDOW`: its middle, so noise of a few percent stays inside."""
+TWO_POINT_SLOPES = (0.5, 2.5)
+"""The slopes a two-point line may have; outside them the points are taken as noise (offset used)."""
+FLOOR_MARGIN = 0.90
+"""A relative budget is refused only below this share of the measured floor (the fastest network's
+share of dense): measurements of a few percent apart must never refuse a reachable budget."""
+
+TABLE_ONLY = "table rows only"
+FIXED_MEASURED = "end-to-end measurement of the dense model"
+FIXED_TWO_POINT = "end-to-end measurements of the dense and the fastest network"
+FIXED_CORRECTION = "fitted correction from fleetprune validate"
+LATENCY_FITS = ("two-point", "offset")
+
+
+@dataclass(frozen=True)
+class Network:
+    """One network to measure: a width plan, and the weights to load (None: the dense weights cut to it)."""
+
+    widths: Mapping[str, int]
+    state: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Timing:
+    """Networks measured in the same interleaved rounds on one device.
+
+    Attributes:
+        ms: each network's latency (the table protocol's statistic, best round), in order.
+        where: where it ran, e.g. ``{"device_key": ..., "node_id": ..., "pid": ..., "via": "actor"}``.
+    """
+
+    ms: list[float]
+    where: dict[str, Any] = field(default_factory=dict)
+
+
+Measure = Callable[[Sequence[Network]], Timing]
+"""Measures networks side by side on the device; raises :class:`DeviceLostError` when it went away."""
+
+
+class ScaledTable:
+    """A table whose every lookup is multiplied by ``a`` (the slope of a fitted line)."""
+
+    def __init__(self, table: Any, a: float):
+        self.table, self.a = table, float(a)
+        self.device_key = getattr(table, "device_key", "")
+
+    def lookup(self, config: Any) -> float:
+        return self.a * self.table.lookup(config)
+
+    def lookup_many(self, configs: Any) -> np.ndarray:
+        return self.a * np.asarray(self.table.lookup_many(configs), dtype=np.float64)
+
+
+def two_point_line(dense_sum: float, dense_ms: float, narrow_sum: float, narrow_ms: float) -> tuple[float, float] | None:
+    """``measured ~ a * layer_sum + b`` through the dense and the fastest network, or None when the two
+    cannot give a trustworthy line (layer sums within 10% of each other, a slope outside
+    :data:`TWO_POINT_SLOPES`, or a line that predicts a network at or below 0 ms)."""
+    if dense_sum - narrow_sum <= 0.10 * dense_sum:
+        return None
+    a = (dense_ms - narrow_ms) / (dense_sum - narrow_sum)
+    b = dense_ms - a * dense_sum
+    if not TWO_POINT_SLOPES[0] <= a <= TWO_POINT_SLOPES[1] or a * narrow_sum + b <= 0:
+        return None
+    return a, b
+
+
+def stored_correction(table: Any, model_name: str, setting: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The validate correction the table carries, if it was fitted for this model and setting.
+
+    ``setting`` holds ``batch``, ``dtype``, ``memory_format`` and ``input_shape`` (a list); a field the
+    stored correction does not record is not checked (corrections written before it existed).
+    """
+    corr = table.correction
+    raw = table.provenance.get("correction")
+    if corr is None or corr[0] <= 0:
+        return None
+    if isinstance(raw, Mapping):
+        wanted = {"model": model_name, **setting}
+        for key, want in wanted.items():
+            have = raw.get(key)
+            if have is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
+                return None
+    return corr
+
+
+@dataclass
+class Settled:
+    """The latency model of one device and the measurements it came from (None where not measured)."""
+
+    model: LatencyModel
+    latency_fit: str | None = None
+    dense_measured_ms: float | None = None
+    narrow_measured_ms: float | None = None
+    narrow_layer_sum_ms: float | None = None
+    correction: tuple[float, float] | None = None
+    lost: str | None = None
+
+    @property
+    def floor_share(self) -> float | None:
+        """The fastest network's measured latency as a share of dense, measured side by side."""
+        if self.dense_measured_ms and self.narrow_measured_ms:
+            return self.narrow_measured_ms / self.dense_measured_ms
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json fields of the latency model."""
+        lm = self.model
+        return {
+            "dense_layer_sum_ms": lm.layer_sum(), "dense_measured_ms": self.dense_measured_ms,
+            "narrow_measured_ms": self.narrow_measured_ms, "narrow_layer_sum_ms": self.narrow_layer_sum_ms,
+            "floor_share": self.floor_share, "latency_fit": self.latency_fit, "fixed_ms": lm.fixed_ms,
+            "fixed_source": lm.fixed_source, "correction": list(self.correction) if self.correction else None,
+        }
+
+
+def settle(plan: Any, table: Any, *, correction: tuple[float, float] | None = None,
+           measure: Measure | None = None, latency_fit: str = "two-point") -> Settled:
+    """The latency model for one device: first that applies of a stored ``correction``, the line
+    through the dense and the fastest network measured side by side (``two-point``; ``offset`` adds
+    the dense model's excess as a constant), the table rows alone (``measure`` None).
+
+    A device lost while measuring leaves the table-only model with ``lost`` saying why.
+    """
+    lm = LatencyModel(plan, table, 0.0, TABLE_ONLY)
+    out = Settled(lm, correction=correction)
+    if measure is not None:
+        fastest = lm.min_widths()
+        try:
+            timing = measure([Network(lm.full_widths()), Network(fastest)])
+        except DeviceLostError as exc:
+            log.warning("%s: the device went away while measuring the dense model (%s); predicting from the table "
+                        "only", getattr(table, "device_key", "?"), exc)
+            out.lost = str(exc)
+            measure = None
+        else:
+            out.latency_fit = latency_fit
+            out.dense_measured_ms, out.narrow_measured_ms = timing.ms[0], timing.ms[1]
+            out.narrow_layer_sum_ms = lm.layer_sum(fastest)
+    if correction is not None:
+        a, b = correction
+        out.model = LatencyModel(plan, ScaledTable(table, a), b, f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
+        return out
+    if out.dense_measured_ms is None:
+        return out
+    layers = lm.layer_sum()
+    line = None
+    if latency_fit == "two-point":
+        line = two_point_line(layers, out.dense_measured_ms, out.narrow_layer_sum_ms, out.narrow_measured_ms)
+        if line is None:
+            log.warning("%s: the dense (%.4g ms, layer sum %.4g) and the fastest network (%.4g ms, layer sum %.4g) "
+                        "give no usable line; using the dense measurement's offset", getattr(table, "device_key", "?"),
+                        out.dense_measured_ms, layers, out.narrow_measured_ms, out.narrow_layer_sum_ms)
+    if line is not None:
+        a, b = line
+        out.model = LatencyModel(plan, ScaledTable(table, a), b, f"{FIXED_TWO_POINT} (a={a:.4g}, b={b:.4g})")
+    else:
+        out.model = lm.with_measured_dense(out.dense_measured_ms, FIXED_MEASURED)
+    return out
+
+
+def check_floor(budget: Budget, settled: Settled, model_name: str, device_key: str) -> None:
+    """Refuse a budget the device cannot reach, judged by measurement where there is one.
+
+    With a measured floor (the fastest network beside the dense model) a relative budget is refused
+    only below :data:`FLOOR_MARGIN` of it, and an absolute one below that share of the fastest
+    network's time: the closed loop handles the rest and reports a floor it could not pass. Without
+    a measurement, the model's own minimum decides.
+
+    Raises:
+        BudgetError: naming the minimum in ms and as a share of dense.
+    """
+    lm = settled.model
+    dense_ms, minimum = lm.dense_ms(), lm.min_latency()
+    if settled.floor_share is not None:
+        share = settled.floor_share
+        asked = budget.fraction if budget.relative else budget.ms / settled.dense_measured_ms
+        if asked >= FLOOR_MARGIN * share:
+            return
+        raise BudgetError(
+            f"budget {budget.text} is {asked:.3f} of dense on {device_key}, below the fastest {model_name} can run "
+            f"there: {share:.3f} of dense ({settled.narrow_measured_ms:.4g} ms beside the dense "
+            f"{settled.dense_measured_ms:.4g} ms, measured side by side); ask for at least {share:.3f}"
+        )
+    target = budget.of(dense_ms)
+    if target < minimum * (1 - 1e-9):
+        raise BudgetError(
+            f"budget {budget.text} is {target:.4g} ms on {device_key}, below the smallest latency {model_name} can "
+            f"reach there: {minimum:.4g} ms (dense {dense_ms:.4g} ms, fixed part {lm.fixed_ms:.4g} ms from "
+            f"{lm.fixed_source}); ask for at least {minimum:.4g} ms ({minimum / dense_ms:.3f} of dense)"
+        )
+
+
+@dataclass
+class Round:
+    """One closed-loop round: the table-space target, what the model predicted, what was measured."""
+
+    round: int
+    target_ms: float
+    predicted_ms: float
+    measured_ms: float
+    dense_measured_ms: float
+    share: float
+    widths: dict[str, int]
+    final: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def status_of(share: float | None, window: tuple[float, float] = WINDOW) -> str:
+    """``met``, ``over``, ``under``, or ``predicted only`` without a measurement."""
+    if share is None:
+        return "predicted only"
+    if share > window[1] * (1 + 1e-9):
+        return "over"
+    return "under" if share < window[0] else "met"
+
+
+def verdict_text(share: float | None, window: tuple[float, float] = WINDOW) -> str:
+    """What the summary table prints: ``met (0.97 of budget)``, ``over by 4.1%``, ``under by 6.0%``."""
+    status = status_of(share, window)
+    if status == "met":
+        return f"met ({share:.3f} of budget)"
+    if status == "over":
+        return f"over by {100 * (share - 1):.1f}%"
+    if status == "under":
+        return f"under by {100 * (1 - share):.1f}%"
+    return status
+
+
+@dataclass
+class Verification:
+    """How a variant's budget was checked on its device.
+
+    Attributes:
+        status: ``met``, ``over``, ``under`` or ``predicted only`` (see :func:`status_of`).
+        target_ms: the table-space budget the variant was pruned to.
+        rounds: every measured round in order, the final measurement (``final=True``) last if made.
+        chosen: the index in ``rounds`` of the round whose target the variant was pruned to.
+        note: why it is not met (the floor, the width granularity), or why it is predicted only.
+        where: where the measurements ran (device key, node, process).
+    """
+
+    status: str
+    target_ms: float
+    rounds: list[Round] = field(default_factory=list)
+    chosen: int | None = None
+    note: str = ""
+    where: dict[str, Any] = field(default_factory=dict)
+    window: tuple[float, float] = WINDOW
+
+    @property
+    def standing(self) -> Round | None:
+        """The measurement that stands: the final one if made, else the chosen round."""
+        if self.rounds and self.rounds[-1].final:
+            return self.rounds[-1]
+        return None if self.chosen is None else self.rounds[self.chosen]
+
+    @property
+    def share(self) -> float | None:
+        """Measured latency / budget of the variant (None: not measured)."""
+        r = self.standing
+        return None if r is None else r.share
+
+    @property
+    def verdict(self) -> str:
+        return verdict_text(self.share, self.window) if self.standing else self.status
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.standing
+        return {"status": self.status, "verdict": self.verdict, "share": self.share, "target_ms": self.target_ms,
+                "measured_ms": None if r is None else r.measured_ms,
+                "dense_measured_ms": None if r is None else r.dense_measured_ms, "window": list(self.window),
+                "note": self.note, "measured_on": self.where, "chosen_round": None if self.chosen is None else
+                self.rounds[self.chosen].round, "rounds": [r.to_dict() for r in self.rounds]}
+
+
+Solve = Callable[[float], tuple[dict[str, int], float]]
+"""``solve(target_ms) -> (widths, predicted_ms)``: what the knapsack settles on for a table-space target."""
+
+
+def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyModel, *, rounds: int = 4,
+               window: tuple[float, float] = WINDOW, goal: float = GOAL) -> Verification:
+    """Measure what the knapsack chooses and correct its target until the budget holds on the device.
+
+    Round 1 solves for the budget as the model sees it; each round measures the variant beside the
+    dense model (a relative budget is checked as a ratio of the two) and, outside ``window``, moves
+    the table-space target: by the secant through the two tries nearest the goal (proportionally
+    when there is no usable slope), clamped to what the model can reach. A target that gives the
+    widths of an earlier round again costs no measurement: the next target halves the bracket of
+    tries below and above the goal instead (the widths move in steps, the target does not). It stops
+    inside the window, when ``rounds`` measurements are spent, when the target cannot move (floor or
+    dense) or when the bracket is narrower than the width steps can resolve.
+
+    Returns:
+        The verification, with the chosen round's target as ``target_ms``: the round inside the
+        window if any, else the best one under the budget, else the least over it. A device lost
+        mid-way gives ``predicted only`` at the last target, with the reason in ``note``.
+    """
+    lo, hi = model.min_latency(), model.dense_ms()
+    dense = Network(model.full_widths())
+    target = min(hi, max(lo, budget.of(hi)))
+    done: list[Round] = []
+    tries: list[tuple[float, float]] = []  # (target, share) of every solve, repeats included
+    seen: dict[tuple, Round] = {}
+    where: dict[str, Any] = {}
+    note = ""
+    for _ in range(4 * max(1, rounds)):
+        widths, predicted = solve(target)
+        key = tuple(sorted(widths.items()))
+        repeat = seen.get(key)
+        if repeat is None:
+            try:
+                timing = measure([dense, Network(widths)])
+            except DeviceLostError as exc:
+                log.warning("verification lost its device (%s): the variant is pruned open-loop", exc)
+                return Verification("predicted only", target, done, note=f"device lost during verification: {exc}",
+                                    where=where, window=window)
+            where = timing.where
+            dense_ms, ms = timing.ms
+            rec = Round(len(done) + 1, target, float(predicted), ms, dense_ms, budget.share(ms, dense_ms),
+                        dict(widths))
+            done.append(rec)
+            seen[key] = rec
+            log.info("verify round %d: target %.4g ms, predicted %.4g ms, measured %.4g ms beside dense %.4g ms: %s",
+                     rec.round, target, predicted, ms, dense_ms, verdict_text(rec.share, window))
+            share = rec.share
+        else:
+            share = repeat.share
+            log.info("target %.4g ms gives the widths of round %d again", target, repeat.round)
+        tries.append((target, share))
+        if window[0] <= share <= window[1] or len(done) >= rounds:
+            break
+        nxt = min(hi, max(lo, _next_target(tries, goal, bisect=repeat is not None)))
+        if nxt in (lo, hi) and nxt == target:
+            note = ("the floor: the fastest network the table knows is still over the budget"
+                    if share > window[1] else "the dense model is under the budget")
+            break
+        if min(abs(nxt - t) for t, _ in tries) <= 1e-3 * target:
+            note = ("the width granularity: no width plan between the closest ones measured lands within "
+                    f"{window[0]:.2f}-{window[1]:.2f} of the budget")
+            break
+        target = nxt
+    chosen = _choose(done, window)
+    status = status_of(chosen.share, window)
+    if status != "met" and not note:
+        note = f"{len(done)} rounds were not enough to land within {window[0]:.2f}-{window[1]:.2f} of the budget"
+    return Verification(status, chosen.target_ms, done, chosen=done.index(chosen),
+                        note=note if status != "met" else "", where=where, window=window)
+
+
+def _next_target(tries: Sequence[tuple[float, float]], goal: float, bisect: bool = False) -> float:
+    """The next table-space target from the (target, share) tries: inside a bracket (tries below and
+    above the goal) the secant between the closest of each, or its midpoint with ``bisect``; outside
+    one, the secant through the two tries nearest the goal, or proportional to the last."""
+    t, share = tries[-1]
+    proportional = t * goal / share
+    below = [p for p in tries if p[1] < goal]
+    above = [p for p in tries if p[1] >= goal]
+    if below and above:
+        a = max(below, key=lambda p: (p[1], p[0]))  # the closest below: highest share, then highest target
+        b = min(above, key=lambda p: (p[1], p[0]))  # the closest above: lowest share, then lowest target
+        if bisect or b[0] <= a[0]:
+            return 0.5 * (a[0] + b[0])
+    elif len(tries) >= 2:
+        a, b = sorted(tries, key=lambda p: abs(p[1] - goal))[:2]
+    else:
+        return proportional
+    if b[0] == a[0] or (b[1] - a[1]) / (b[0] - a[0]) <= 0:
+        return proportional
+    slope = (b[1] - a[1]) / (b[0] - a[0])
+    return a[0] + (goal - a[1]) / slope
+
+
+def _choose(done: Sequence[Round], window: tuple[float, float]) -> Round:
+    """The round inside the window closest to the budget, else the best under it, else the least over."""
+    inside = [r for r in done if window[0] <= r.share <= window[1]]
+    if inside:
+        return max(inside, key=lambda r: r.share)
+    under = [r for r in done if r.share < window[0]]
+    if under:
+        return max(under, key=lambda r: r.share)
+    return min(done, key=lambda r: r.share)
+
+
+def finish(verification: Verification, measure: Measure, budget: Budget, dense: Mapping[str, int],
+           final: Network, predicted_ms: float) -> Verification:
+    """Measure the final variant (after fine-tuning, with its own weights) beside the dense model once
+    more, and make that the verdict. A lost device keeps the rounds' verdict and says so."""
+    try:
+        timing = measure([Network(dense), final])
+    except DeviceLostError as exc:
+        verification.note = (verification.note + "; " if verification.note else "") + \
+            f"the final variant was not measured: device lost ({exc})"
+        return verification
+    dense_ms, ms = timing.ms
+    chosen = None if verification.chosen is None else verification.rounds[verification.chosen]
+    if chosen is not None and chosen.widths == dict(final.widths):
+        # the same network as the chosen round (no fine-tuning moved a width): both measurements are of
+        # it, so keep the fastest of each, as every measurement here keeps its fastest round
+        dense_ms, ms = min(dense_ms, chosen.dense_measured_ms), min(ms, chosen.measured_ms)
+    n = len(verification.rounds) + 1
+    verification.rounds.append(Round(n, verification.target_ms, float(predicted_ms), ms, dense_ms,
+                                     budget.share(ms, dense_ms), dict(final.widths), final=True))
+    verification.where = timing.where or verification.where
+    verification.status = status_of(verification.share, verification.window)
+    if verification.status == "met":
+        verification.note = ""
+    elif not verification.note:
+        verification.note = "the final variant, measured once more beside the dense model, landed outside the window"
+    return verification
