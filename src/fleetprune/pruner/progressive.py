@@ -23,7 +23,7 @@ from torch import nn
 
 from fleetprune.errors import BudgetError
 from fleetprune.pruner.schedule import exponential_schedule
-from fleetprune.pruner.scores import check_finite, make_importance
+from fleetprune.pruner.scores import check_finite, check_finite_weights, make_importance
 from fleetprune.pruner.solve import choose_widths
 from fleetprune.pruner.units import update_masks
 
@@ -199,6 +199,7 @@ def progressive_prune(
     if steps < 1:
         raise BudgetError(f"the number of pruning steps must be at least 1, got {steps}")
     importance, policy = _importance_and_policy(method, importance_kwargs)
+    check_finite_weights(model)
     dense_ms = float(latency.dense_ms())
     minimum = float(latency.min_latency())
     if budget_ms < minimum:

@@ -339,6 +339,20 @@ def importance_options(method: str, importance_kwargs: Mapping[str, Any] | None)
     return {"name": name, **{k: v for k, v in vars(imp).items() if not k.startswith("_")}}
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose weights or batch-norm statistics hold NaN or inf: scores computed from
+    them would be silently wrong (SP-LAMP's normalisation turns a NaN filter's group to zeros).
+
+    Raises:
+        ModelError: naming the bad tensors.
+    """
+    bad = [name for name, t in model.state_dict().items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelError(f"the model holds NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+                         f"{' ...' if len(bad) > 8 else ''}; check the checkpoint (--weights) or retrain")
+
+
 def check_finite(scores: Scores) -> None:
     """Refuse scores that are not finite (weights holding NaN or inf): pruning on them would keep
     arbitrary channels and write a broken variant.
