@@ -24,7 +24,7 @@ Choices made here (printed in the header of every run):
   of reach; 8 also matches the 8 fp32 lanes of AVX2. Every method prunes from this one table.
 * Equal measured latency, by calibration. The latency model (``prune``'s default: the line
   ``measured = a * layer_sum + b`` through the dense and the narrowest network measured here,
-  ``fleetprune.api.prune.two_point_line``) gives each (method, budget) a first table-rows budget
+  ``fleetprune.pruner.calibrate.two_point_line``) gives each (method, budget) a first table-rows budget
   ``(budget - b) / a``. It is not right for every shape: in the second session's batch-64 table,
   knapsack variants ran 17-59% slower (measured alone) than it predicted, uniform ones 9-13%. So,
   before any fine-tuning, every (method, budget) is pruned from the dense weights (same K steps, no
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
 
     from fleetprune import models
     from fleetprune.api import prune
-    from fleetprune.api.prune import measure_dense, two_point_line
+    from fleetprune.pruner.calibrate import two_point_line
     from fleetprune.api.profile import plan_configs, profile
     from fleetprune.errors import FleetpruneError
     from fleetprune.cluster.local import usable_cpus
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
         plan = build_plan(dense_model, x, round_to=args.round_to, dtype="fp32", memory_format=args.memory_format)
         lm = LatencyModel(plan, table)
         layer_sum = lm.layer_sum()
-        dense_ms = measure_dense(lambda: e2e(dense_model), layer_sum)
+        dense_ms = min(e2e(dense_model) for _ in range(2))
         widths = lm.min_widths()
         narrow = shrink_to_widths(copy.deepcopy(dense_model), plan, widths, x)
         narrow_ms = min(e2e(narrow) for _ in range(2))

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       input_shape=shape, seed=args.seed)
         try:
             t0 = time.perf_counter()
-            d = design(name, **kwargs)
+            d = design(name, model_factory=lambda: models.create(name), **kwargs)
             configs = d.configs()
             measured, prof_s, noisy = profile_missing(store, device, protocol, configs)
             t1 = time.perf_counter()

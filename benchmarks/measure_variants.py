@@ -58,6 +58,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", help="variant folders (the per-device folder holding widths.json)")
     p.add_argument("--dense", metavar="MODEL", help="also measure this dense model; report fractions of it")
+    p.add_argument("--input-size", type=int, help="the dense model's input H = W, if not its default")
+    p.add_argument("--num-classes", type=int, help="the dense model's classifier outputs, if not its default")
     p.add_argument("--batch", type=int, required=True, help="batch of every measurement")
     p.add_argument("--memory-format", choices=["nchw", "nhwc"], default="nchw")
     p.add_argument("--threads", type=int, default=1, help="timing threads (default 1)")
@@ -75,8 +77,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     named, shapes = {}, {}
     if args.dense:
-        named["dense"] = models.create(args.dense)
+        named["dense"] = models.create(args.dense, **({"num_classes": args.num_classes} if args.num_classes else {}))
         shapes["dense"] = tuple(models.input_shape(args.dense))
+        if args.input_size:
+            shapes["dense"] = (shapes["dense"][0], args.input_size, args.input_size)
     for folder in args.folders:
         try:
             named[folder] = load_variant(folder)
