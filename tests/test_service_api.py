@@ -184,9 +184,14 @@ def test_malformed_jobs_answer_400_saying_what_is_wrong(service, body, words):
 def test_a_full_queue_answers_429_with_a_retry_hint(service):
     info, _ = service
     client = ServiceClient(info.url, TOKEN)
+    first = client.submit({"configs": rows(configs(100, in_hw=11)), "devices": "FAKE_B"})
     with pytest.raises(ServiceError) as err:
-        client.submit({"configs": rows(configs(QUEUE_LIMIT + 1, in_hw=11)), "devices": "FAKE_B"})
+        client.submit({"configs": rows(configs(100, in_hw=11, start=100)), "devices": "FAKE_B"})
     assert err.value.status == 429 and err.value.retry_after_s >= 1 and "queue is full" in str(err.value)
+    assert client.cancel(first["id"])["state"] == "cancelled"
+    with pytest.raises(ServiceError) as err:  # a job that could never fit is malformed, not "later"
+        client.submit({"configs": rows(configs(QUEUE_LIMIT + 1, in_hw=11, start=200)), "devices": "FAKE_B"})
+    assert err.value.status == 400 and "--queue-limit" in str(err.value)
     assert http("GET", f"{info.url}/v1/jobs/no-such-job")[0] == 404
 
 
@@ -222,6 +227,30 @@ def test_lookup_predict_measure_and_download(service, tmp_path):
     assert path.endswith(".parquet") and sorted(copy.keys()) == sorted(table.keys())
     assert all(copy.lookup_key(k) == table.lookup_key(k) for k in known)
     assert TableStore(str(tmp_path / "copy")).merge_from(str(tmp_path / "copy")) == 0
+
+
+def test_the_cli_profiles_and_reads_tables_through_the_service(service, monkeypatch, capsys):
+    from fleetprune.api.serve import remote_measure
+    from fleetprune.cli import main
+
+    info, root = service
+    monkeypatch.setenv("FLEETPRUNE_TOKEN", TOKEN)
+    assert main(["profile", "resnet20", "--batch", "2", "--devices", "FAKE_B", "--dtype", "fp32",
+                 "--service", info.url]) == 0
+    out = capsys.readouterr().out
+    assert ": done" in out and "FAKE_B" in out
+    needed = int(out.split("fake_b")[1].split("/")[1].split()[0])
+    assert main(["tables", "ls", "--service", info.url]) == 0
+    assert "fake_b" in capsys.readouterr().out
+    assert main(["tables", "show", "fake_b", "--limit", "0", "--service", info.url]) == 0
+    shown = capsys.readouterr().out
+    assert len(shown.splitlines()) >= needed  # one line per row, plus the header
+    ms = remote_measure(info.url, "fake_b", model="resnet20", widths={"layer2.0.conv1": 16}, dtype="fp32",
+                        quick=True, rounds=1)
+    assert ms > 0
+    monkeypatch.delenv("FLEETPRUNE_TOKEN")
+    assert main(["profile", "resnet20", "--devices", "FAKE_B", "--service", info.url]) == 2
+    assert "token" in capsys.readouterr().err
 
 
 def test_a_replica_killed_mid_chunk_has_its_chunk_retried_on_another_of_its_type(service):

@@ -68,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="all (default), or comma-separated device types or table keys (see `fleetprune fleet`), "
                         "or cpu / gpu")
     add_cluster_options(p)
+    from fleetprune.cli.serve import add_service_option
+
+    add_service_option(p, "submit the job and follow it")
     p.add_argument("--quick", action="store_true", help="quick, rough timing protocol (smoke runs, not real tables)")
     p.add_argument("--chunk-size", type=positive_int, metavar="N",
                    help="configurations per chunk; each chunk is one part file (default: automatic)")
@@ -110,6 +113,10 @@ class ProgressBars:
 
 def run(args: argparse.Namespace) -> int:
     """Profile, print the summary; exit non-zero when configurations failed."""
+    if getattr(args, "service", None):
+        from fleetprune.cli.serve import profile_through_service
+
+        return profile_through_service(args)
     from fleetprune.api.profile import profile
     from fleetprune.errors import ProfileError
 

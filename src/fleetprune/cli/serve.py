@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
 from fleetprune.cli.fleet import positive_int
 
@@ -71,3 +72,61 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("service stopped; queued jobs resume when it starts again")
     return 0
+
+
+# ---- other verbs through a running service (their `--service URL` flag lands here) ------------------------
+
+
+def add_service_option(p: argparse.ArgumentParser, what: str) -> None:
+    """The ``--service URL`` flag of another verb."""
+    p.add_argument("--service", metavar="URL", help=f"{what} through a running `fleetprune serve` at URL "
+                   "(writes use the token in FLEETPRUNE_TOKEN)")
+
+
+def profile_through_service(args: argparse.Namespace) -> int:
+    """``fleetprune profile ... --service URL``: submit the job, follow it with one bar per device, print the end."""
+    from tqdm import tqdm
+
+    from fleetprune.api.serve import remote_profile
+    from fleetprune.errors import ProfileError
+
+    bars: dict[str, Any] = {}
+
+    def show(status: dict) -> None:
+        for d in status["devices"]:
+            bar = bars.get(d["device_key"])
+            if bar is None:
+                bar = bars[d["device_key"]] = tqdm(total=d["total"], desc=d["device_type"], unit="cfg",
+                                                    position=len(bars), file=sys.stderr, dynamic_ncols=True,
+                                                    disable=None)
+            if d["done"] + d["failed"] > bar.n:
+                bar.update(d["done"] + d["failed"] - bar.n)
+
+    job = dict(batch=args.batch, dtype=args.dtype, memory_format=args.memory_format, round_to=args.round_to,
+               input_size=getattr(args, "input_size", None), num_classes=args.num_classes,
+               max_choices=args.max_choices, devices=args.devices, threads=args.threads)
+    try:
+        final = remote_profile(args.service, args.model, progress=show, **job)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(f"job {final['id']} on {args.service}: {final['state']}")
+    for d in final["devices"]:
+        print(f"  {d['device_type']:<24} {d['device_key']:<32} {d['done']}/{d['total']} done, {d['failed']} failed")
+    if final["state"] != "done":
+        raise ProfileError(f"the job ended {final['state']}: {final['message'] or 'see above'}; submit it again to "
+                           "retry what is missing")
+    return 0
+
+
+def tables_through_service(func: Callable[[argparse.Namespace], int],
+                           devices: Callable[[argparse.Namespace], list[str] | None] = lambda a: None
+                           ) -> Callable[[argparse.Namespace], int]:
+    """A ``tables`` action that, with ``--service``, reads a local copy of the service's tables (downloaded first)."""
+    def run_it(args: argparse.Namespace) -> int:
+        if getattr(args, "service", None):
+            from fleetprune.api.serve import mirror_tables
+
+            args.tables = mirror_tables(args.service, devices=devices(args))
+        return func(args)
+    return run_it

@@ -23,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     ls = sub.add_parser("ls", parents=[root], help="list the devices with their row counts and provenance")
-    ls.set_defaults(func=_ls)
+    from fleetprune.cli.serve import add_service_option, tables_through_service
+
+    add_service_option(ls, "read the tables")
+    ls.set_defaults(func=tables_through_service(_ls))
 
     show = sub.add_parser("show", parents=[root], help="print the rows of one device")
     show.add_argument("device", metavar="DEVICE", help="device key (see `fleetprune tables ls`)")
@@ -32,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
     show.add_argument("--memory-format", choices=("nchw", "nhwc"))
     show.add_argument("--limit", type=int, default=50, metavar="N", help="rows to print, 0 for all (default 50)")
-    show.set_defaults(func=_show)
+    add_service_option(show, "read the table")
+    show.set_defaults(func=tables_through_service(_show, lambda a: [a.device]))
 
     val = sub.add_parser("validate", parents=[root], help="report every defect; exit 1 if there is any")
     val.set_defaults(func=_validate)
@@ -46,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff.add_argument("device_b", metavar="DEV_B")
     diff.add_argument("--limit", type=int, default=50, metavar="N", help="rows to print, 0 for all (default 50)")
     diff.add_argument("--sort", choices=("config", "ratio"), default="config", help="row order (default config)")
-    diff.set_defaults(func=_diff)
+    add_service_option(diff, "read the tables")
+    diff.set_defaults(func=tables_through_service(_diff, lambda a: [a.device_a, a.device_b]))
 
 
 def _ls(args: argparse.Namespace) -> int:

@@ -195,6 +195,10 @@ class Coordinator:
         if limit:
             queued = sum(len(q) for q in self.queues.values())
             new = sum(len({c.key for c in cs} - measured[k] - set(self.queues[k].queued)) for k, _, cs in wanted)
+            if new > self.queue_limit:
+                raise RequestError(f"this job alone adds {new} configurations to the queue, more than its limit of "
+                                   f"{self.queue_limit}; split it (fewer devices or models) or start the service "
+                                   "with a larger --queue-limit")
             if new and queued + new > self.queue_limit:
                 raise QueueFullError(
                     f"the service's queue is full ({queued} configurations waiting, this job adds {new}, the limit is "
