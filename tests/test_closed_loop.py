@@ -200,11 +200,18 @@ def test_prune_for_device_measures_the_final_variant_and_records_every_round(set
     device = Device(plan, table, drifts=(1.0, 1.2, 0.9, 1.1, 1.0, 1.3))
     settled = settle(plan, table, measure=device)
     seen = []
-    out = prune_for_device(model, plan, settled, read_budget("0.5"), steps=2, measure=device, on_round=seen.append)
+
+    def watched(networks):
+        seen.append(networks)
+        return device(networks)
+
+    out = prune_for_device(model, plan, settled, read_budget("0.5"), steps=2, measure=watched)
     v = out.verification
     assert v.rounds[-1].final and v.rounds[-1].widths == out.widths
     assert v.status == status_of(v.rounds[-1].share) and out.measured_ms == v.rounds[-1].measured_ms
-    assert len(seen) == len(v.rounds)
+    assert len(seen) == len(v.rounds)  # one measurement per round, the final one included
+    # without fine-tuning the final variant is the chosen round's network
+    assert v.rounds[-1].widths == v.rounds[v.chosen].widths
     assert sum(p.numel() for p in out.model.parameters()) < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert out.model(torch.randn(2, *SHAPE)).shape == (2, 10)

@@ -6,7 +6,7 @@
    loop (:func:`~fleetprune.pruner.calibrate.close_loop`) prunes dry copies without fine-tuning,
    measures each beside the dense model and corrects the table-space target until the budget holds;
 2. the progressive prune at that target, with fine-tuning between steps when asked (without it, the
-   dry run of the chosen round is the result: the same network);
+   dry run of the chosen round is the result: its masks applied to a copy of the dense model);
 3. physical channel removal, and the final variant measured once more beside the dense model;
 4. the report (every round, the verdict, the latency model and where it came from).
 """
@@ -16,14 +16,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from torch import nn
 
 from fleetprune.deploy import fold_batchnorm
 from fleetprune.pruner.calibrate import Measure, Network, Settled, Verification, close_loop, finish
 from fleetprune.pruner.export import module_widths, remove_channels
-from fleetprune.pruner.progressive import FinetuneHook, ProgressiveResult, progressive_prune
+from fleetprune.pruner.progressive import FinetuneHook, ProgressiveResult, apply_masks, progressive_prune
 from fleetprune.pruner.schedule import Budget
 from fleetprune.pruner.variant import example_input
 
@@ -65,7 +65,6 @@ def prune_for_device(
     measure: Measure | None = None,
     verify_rounds: int = 4,
     unreachable_note: str = "",
-    on_round: Callable[[Any], None] | None = None,
 ) -> DevicePrune:
     """Prune a copy of ``dense`` for one device (see the module docstring); ``dense`` is not changed.
 
@@ -75,20 +74,18 @@ def prune_for_device(
         measure: measures networks side by side on the device; None for a device nobody can reach.
         verify_rounds: closed-loop rounds (0: prune open-loop, then measure the final variant).
         unreachable_note: why there is no ``measure`` (goes into the report).
-        on_round: called with each closed-loop round as it is measured (progress, tests).
     """
     lm = settled.model
     dense_widths = lm.full_widths()
-    dry: dict[float, tuple[nn.Module, ProgressiveResult]] = {}
+    dry: dict[float, ProgressiveResult] = {}  # masks and record of each dry run (no model copies held)
 
     def solve(target: float) -> tuple[dict[str, int], float]:
-        model = copy.deepcopy(dense)
-        res = progressive_prune(model, plan, lm, target, steps, method=method, solver=solver,
+        res = progressive_prune(copy.deepcopy(dense), plan, lm, target, steps, method=method, solver=solver,
                                 importance_kwargs=importance_kwargs)
-        dry[target] = (model, res)
+        dry[target] = res
         return res.widths, res.predicted_ms
 
-    checked = measure if measure is None or on_round is None else _reporting(measure, on_round)
+    checked = measure
     if measure is not None and verify_rounds > 0:
         verification = close_loop(solve, checked, budget, lm, rounds=verify_rounds)
         if verification.status == PREDICTED_ONLY:  # the device went away mid-way: open loop from here
@@ -97,8 +94,10 @@ def prune_for_device(
         note = unreachable_note if measure is None else "closed loop off (--verify-rounds 0)"
         verification = Verification(PREDICTED_ONLY, budget.of(lm.dense_ms()), note=note)
     target = verification.target_ms
-    if finetune is None and target in dry:
-        model, result = dry[target]
+    if finetune is None and target in dry:  # without fine-tuning, the dry run at this target is the result
+        result = dry[target]
+        model = copy.deepcopy(dense)
+        apply_masks(model, plan, result.masks)
     else:
         model = copy.deepcopy(dense)
         result = progressive_prune(model, plan, lm, target, steps, method=method, solver=solver, finetune=finetune,
@@ -112,15 +111,6 @@ def prune_for_device(
         finish(verification, checked, budget, dense_widths, final, result.predicted_ms)
     deploy, folded = fold_batchnorm(model)
     return DevicePrune(model, deploy, folded, result, verification, widths, budget.of(lm.dense_ms()))
-
-
-def _reporting(measure: Measure, on_round: Callable[[Any], None]) -> Measure:
-    def wrapped(networks):  # noqa: ANN001, ANN202
-        timing = measure(networks)
-        on_round(timing)
-        return timing
-
-    return wrapped
 
 
 def device_report(outcome: DevicePrune, settled: Settled, *, device_key: str, model_name: str, method: str,
