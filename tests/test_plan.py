@@ -271,7 +271,10 @@ def test_plan_leaves_the_model_as_it_was():
 def test_resnet50_config_count_for_the_readme():
     # The README's figure: ResNet-50 at 224x224, batch 1, fp32, NHWC, round_to 32.
     plan = _plan(create("resnet50"), 224, round_to=32, memory_format="nhwc")
+    # Issue 13 added the op rows: 16 residual adds, the stem's max pool and the global pool (18 ops, 122
+    # configurations: 88 adds, 32 global pools, 2 max pools); the convs and linears still need 4174.
     assert plan.summary() == {
-        "layers": 54, "groups": 38, "prunable_groups": 37, "configs": 4174, "configs_without_dedup": 9522,
+        "layers": 54, "ops": 18, "groups": 38, "prunable_groups": 37, "configs": 4296, "configs_without_dedup": 9932,
+        "layer_configs": 4174,
     }
     assert plan.layer("conv1").base.in_h == 224 and plan.layer("layer4.0.conv2").base.in_h == 14

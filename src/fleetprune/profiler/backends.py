@@ -7,17 +7,26 @@ timing anything; its device fingerprint says ``fake`` so its tables never pass f
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
 import time
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from fleetprune.errors import DeviceError, ProfileError
 from fleetprune.profiler.device import DeviceInfo, cpu_device
 from fleetprune.profiler.layers import build_layer
-from fleetprune.profiler.timing import Measurement, TimingProtocol, time_callable, tune_allocator
+from fleetprune.profiler.timing import (
+    Measurement,
+    TimingProtocol,
+    cold_copies,
+    last_level_cache_bytes,
+    time_callable,
+    tune_allocator,
+)
 from fleetprune.tables.config import LayerConfig
 
 log = logging.getLogger(__name__)
@@ -49,23 +58,47 @@ class TorchTimingBackend:
             raise DeviceError(f"device {device.key} is CUDA but this process sees no CUDA device")
         self.device = device
         self.protocol = protocol if protocol is not None else TimingProtocol()
+        self._llc: int | None = None
         if device.kind == "cpu":
             tune_allocator()
 
     def measure(self, config: LayerConfig) -> Measurement:
         """Build ``config``, warm it up and time it under ``torch.inference_mode``.
 
+        With the protocol's ``cache='cold'``: as many copies of the layer (weights and input) as
+        :func:`~fleetprune.profiler.timing.cold_copies` says, called in rotation so each call finds its
+        copy evicted by the others, and on CUDA L2 flushed before every call.
+
         Raises:
             ProfileError: the layer cannot be built or fails while being timed.
         """
         module, x = build_layer(config, self.device)
+        copies = [(module, x)]
+        cold = self.protocol.cache == "cold"
+        if cold:
+            n = cold_copies(footprint_bytes(module, x, config), self._cache_bytes())
+            # copies of the built (and smoke-tested) layer: cheaper than building each again
+            copies += [(copy.deepcopy(module), x.clone(memory_format=torch.preserve_format)) for _ in range(n - 1)]
         try:
             with torch.inference_mode():
-                return time_callable(lambda: module(x), self.device, self.protocol)
+                if len(copies) == 1:
+                    return time_callable(lambda: module(x), self.device, self.protocol, flush=cold)
+                ring = itertools.cycle(copies)
+
+                def call() -> Any:
+                    m, inp = next(ring)
+                    return m(inp)
+
+                return time_callable(call, self.device, self.protocol, flush=cold)
         except RuntimeError as exc:
             raise ProfileError(f"configuration {config.key}: failed while timing on {self.device.key}: {exc}") from exc
         finally:
-            del module, x
+            del module, x, copies
+
+    def _cache_bytes(self) -> int:
+        if self._llc is None:
+            self._llc = last_level_cache_bytes(self.device.kind, self.device.index or 0)
+        return self._llc
 
     def measure_networks(self, models: "list[torch.nn.Module]", input_shape: "tuple[int, ...]",
                          dtype: str = "fp32", memory_format: str = "nchw", rounds: int = 3) -> list[Measurement]:
@@ -77,6 +110,15 @@ class TorchTimingBackend:
 
     def __repr__(self) -> str:
         return f"TorchTimingBackend({self.device.key!r}, {self.protocol})"
+
+
+def footprint_bytes(module: torch.nn.Module, x: torch.Tensor, config: LayerConfig) -> int:
+    """Bytes one call of a built layer touches: its weights and buffers, its input and its output."""
+    held = [*module.parameters(), *module.buffers(), *getattr(module, "parts", ())]  # a concat's stored parts
+    weights = sum(t.numel() * t.element_size() for t in held)
+    oh, ow = config.out_hw
+    out = config.batch * (config.cin if config.op == "se" else config.cout) * oh * ow * x.element_size()
+    return int(weights + x.numel() * x.element_size() + out)
 
 
 _DTYPE_FACTOR = {"fp32": 1.0, "bf16": 0.6, "fp16": 0.5}
@@ -109,7 +151,18 @@ class FakeTimingBackend:
         self.calls = 0
 
     def latency_ms(self, config: LayerConfig) -> float:
-        """The fake latency of ``config`` (its minimum and median alike)."""
+        """The fake latency of ``config`` (its minimum and median alike).
+
+        An op without weights (residual add, pool, activation, ...) costs the overhead plus its memory
+        traffic (elements in and out), a squeeze-excitation also its two 1x1 convs' MACs.
+        """
+        if not config.is_layer:
+            oh, ow = config.out_hw
+            c = math.ceil(config.cin / self.STEP) * self.STEP
+            moved = config.elements * c / config.cin + config.batch * c * oh * ow
+            macs = 2 * config.batch * c * math.ceil(config.cout / self.STEP) * self.STEP if config.op == "se" else 0
+            factor = _DTYPE_FACTOR[config.dtype] * (0.9 if config.memory_format == "nhwc" else 1.0)
+            return self.OVERHEAD_MS + (macs / self.MACS_PER_MS + moved / self.ELEMENTS_PER_MS) * factor / self.speed
         step = self.STEP
         cin = math.ceil(config.cin / step) * step
         cout = math.ceil(config.cout / step) * step

@@ -2,8 +2,12 @@
 
 A conv or depthwise-conv configuration is a conv *with bias* (batch norm folded into it) followed by
 its activation, the way an inference graph runs a conv-BN-ReLU block; a linear configuration is a
-linear layer with bias and its activation. Module and input are in the configured dtype and memory
-format on the device, and one smoke call proves the layer runs before anyone times it.
+linear layer with bias and its activation. The other op kinds (``tables.config.OP_KINDS``) are built
+as the network runs them: a residual add of the input and a second stored tensor (plus its ReLU),
+the pool, the standalone activation or batch norm, a whole squeeze-excitation block, a channel
+concat of the input with stored parts. Every module takes the one input tensor, so one timing loop
+serves them all. Module and input are in the configured dtype and memory format on the device, and
+one smoke call proves the layer runs before anyone times it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,101 @@ def _warn_emulated_bf16(device: Any) -> None:
                     "conversion paths; prefer fp32 tables for this CPU", device.key)
 
 
+_ACTIVATIONS: dict[str, Any] = {
+    "relu": lambda: nn.ReLU(inplace=True), "relu6": lambda: nn.ReLU6(inplace=True),
+    "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(), "silu": lambda: nn.SiLU(inplace=True),
+    "gelu": lambda: nn.GELU(), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
+}
+
+
+class _Copy(nn.Module):
+    """A layout copy (what ``.contiguous()`` after a channel shuffle's transpose costs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+class _ResidualAdd(nn.Module):
+    """``act(x + other)``: the residual add, the other branch held as a buffer of the same shape."""
+
+    def __init__(self, other: torch.Tensor, relu: bool):
+        super().__init__()
+        self.register_buffer("other", other)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.other
+        return torch.relu_(y) if self.relu else y
+
+
+class _Concat(nn.Module):
+    """``cat([x, *parts], dim=1)``: the input is the first of ``groups`` near-equal channel parts."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, *self.parts], dim=1)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "_Concat":  # move the parts with the module
+        super()._apply(fn, recurse)
+        self.parts = [fn(p) for p in self.parts]
+        return self
+
+
+class _SqueezeExcitation(nn.Module):
+    """Global pool, 1x1 conv C->S, inner activation, 1x1 conv S->C, gate, scale of the input."""
+
+    def __init__(self, channels: int, squeeze: int, inner: str, gate: str):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = _ACTIVATIONS[inner]()
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = _ACTIVATIONS[gate]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+def concat_split(config: LayerConfig) -> list[int]:
+    """The channels of each of a concat's ``groups`` inputs: near-equal parts of ``cin``, the first the largest."""
+    n = max(1, min(config.groups, config.cin))
+    base, extra = divmod(config.cin, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def _make_op(config: LayerConfig, x: torch.Tensor) -> nn.Module:
+    """The module of a non-layer op kind (``x`` is the input it will be called with)."""
+    op = config.op
+    if op == "add":
+        return _ResidualAdd(torch.randn_like(x), config.act == "relu")
+    if op in ("maxpool", "maxpool_ceil"):
+        return nn.MaxPool2d((config.kh, config.kw), (config.sh, config.sw), (config.ph, config.pw),
+                            dilation=config.dilation, ceil_mode=op.endswith("_ceil"))
+    if op in ("avgpool", "avgpool_ceil"):
+        return nn.AvgPool2d((config.kh, config.kw), (config.sh, config.sw), (config.ph, config.pw),
+                            ceil_mode=op.endswith("_ceil"))
+    if op == "adaptive_avgpool":
+        return nn.AdaptiveAvgPool2d((config.kh, config.kw))
+    if op == "act":
+        return _Copy() if config.act == "copy" else _ACTIVATIONS[config.act]()
+    if op == "bn":
+        bn = nn.BatchNorm2d(config.cin)
+        with torch.no_grad():
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.running_mean.normal_()
+        return bn
+    if op == "se":
+        inner, gate = config.act.split("-")
+        return _SqueezeExcitation(config.cin, config.cout, inner, gate)
+    if op == "concat":
+        sizes = concat_split(config)
+        return _Concat([torch.randn(config.batch, c, config.in_h, config.in_w) for c in sizes[1:]])
+    raise ProfileError(f"configuration {config.key}: no module for op {op!r}")
+
+
 def _make_module(config: LayerConfig) -> nn.Module:
     if config.op == "linear":
         core: nn.Module = nn.Linear(config.cin, config.cout, bias=True)
@@ -92,7 +191,13 @@ def expected_output_shape(config: LayerConfig) -> tuple[int, ...]:
     if config.op == "linear":
         return (config.batch, config.cout)
     oh, ow = config.out_hw
-    return (config.batch, config.cout, oh, ow)
+    cout = config.cin if config.op == "se" else config.cout
+    return (config.batch, cout, oh, ow)
+
+
+def input_channels(config: LayerConfig) -> int:
+    """Channels of the one input tensor the built module takes (a concat's first part)."""
+    return concat_split(config)[0] if config.op == "concat" else config.cin
 
 
 def build_layer(config: LayerConfig, device: Any) -> tuple[nn.Module, torch.Tensor]:
@@ -118,14 +223,15 @@ def build_layer(config: LayerConfig, device: Any) -> tuple[nn.Module, torch.Tens
     fmt = MEMORY_FORMATS[config.memory_format]
     dev = device.torch_device
     try:
-        module = _make_module(config).eval().requires_grad_(False)
-        module = module.to(device=dev, dtype=dtype)
         if config.op == "linear":
             x = torch.randn(config.batch, config.cin, device=dev, dtype=dtype)
         else:
-            module = module.to(memory_format=fmt)
-            x = torch.randn(config.batch, config.cin, config.in_h, config.in_w, device=dev, dtype=dtype)
+            x = torch.randn(config.batch, input_channels(config), config.in_h, config.in_w, device=dev, dtype=dtype)
             x = x.contiguous(memory_format=fmt)
+        module = (_make_module(config) if config.is_layer else _make_op(config, x)).eval().requires_grad_(False)
+        module = module.to(device=dev, dtype=dtype)
+        if config.op != "linear":
+            module = module.to(memory_format=fmt)
         with torch.inference_mode():
             y = module(x)
         if device.kind == "cuda":

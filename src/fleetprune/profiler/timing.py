@@ -51,6 +51,19 @@ _allocator_tuned_inprocess = False
 STATISTICS = ("min", "median")
 """The per-call figures a protocol may name as the latency."""
 
+CACHE_MODES = ("warm", "cold")
+"""How a layer's weights and input sit in the caches while it is timed: ``warm`` (one copy called back
+to back: it stays in cache, as a layer timed alone always was) or ``cold`` (rotate through copies that
+together exceed the last-level cache, and on CUDA flush L2 before every call, as Triton's ``do_bench``
+does: what a layer sees inside a network, where the layers before it evicted its weights)."""
+
+COLD_FOOTPRINT = 2.0
+"""In ``cold`` mode the copies together hold at least this many times the last-level cache."""
+COLD_MAX_COPIES = 256
+COLD_MAX_BYTES = 1 << 30
+"""Limits of the copies of one layer in ``cold`` mode (a layer larger than the cache needs one)."""
+DEFAULT_LLC_BYTES = 32 << 20
+
 
 @dataclass(frozen=True)
 class TimingProtocol:
@@ -69,6 +82,7 @@ class TimingProtocol:
             ``min_run_time_s / (2 * repeats)``.)
         statistic: which per-call figure is the latency: ``min`` (the fastest timed block; the
             default, robust to interference) or ``median``.
+        cache: ``warm`` (the default: one copy, hot in cache) or ``cold`` (see :data:`CACHE_MODES`).
     """
 
     warmup_ms: float = 50.0
@@ -78,10 +92,13 @@ class TimingProtocol:
     warmup_iters: int = 10
     block_ms: float = 1.0
     statistic: str = "min"
+    cache: str = "warm"
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, not {self.statistic!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, not {self.cache!r}")
         if self.warmup_ms < 0 or self.min_run_time_s <= 0 or self.block_ms <= 0:
             raise ValueError("warmup_ms must be >= 0, min_run_time_s and block_ms > 0")
         if self.repeats < 1 or self.warmup_iters < 0:
@@ -106,13 +123,15 @@ class TimingProtocol:
     def from_dict(cls, raw: Any) -> "TimingProtocol | None":
         """The protocol a table's provenance recorded (unknown keys ignored), or None if unusable.
 
-        A protocol recorded without a ``statistic`` (schema version 1 tables) used the median.
+        A protocol recorded without a ``statistic`` (schema version 1 tables) used the median; one
+        without a ``cache`` mode (schema 1 and 2) timed layers ``warm``.
         """
         if not isinstance(raw, Mapping):
             return None
         try:
             fields = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
             fields.setdefault("statistic", "median")
+            fields.setdefault("cache", "warm")
             return cls(**fields)
         except (TypeError, ValueError):
             return None
@@ -336,11 +355,79 @@ def time_cuda(fn: Callable[[], Any], protocol: TimingProtocol, index: int = 0) -
     return Measurement.from_samples(samples)
 
 
-def time_callable(fn: Callable[[], Any], device: Any, protocol: TimingProtocol) -> Measurement:
+def time_cuda_flushed(fn: Callable[[], Any], protocol: TimingProtocol, index: int = 0,
+                      flush_bytes: int | None = None) -> Measurement:
+    """Time single calls of ``fn`` on CUDA with L2 flushed before each (as Triton's ``do_bench``):
+    a buffer larger than L2 is zeroed between calls, outside the events around the call."""
+    if not torch.cuda.is_available():
+        raise ProfileError("CUDA timing asked for, but no CUDA device is visible to this process")
+    torch.backends.cudnn.benchmark = True
+    with torch.cuda.device(index):
+        size = flush_bytes or 2 * last_level_cache_bytes("cuda", index)
+        cache = torch.empty(int(size) // 4, dtype=torch.int32, device=f"cuda:{index}")
+        _warm_up(fn, protocol, torch.cuda.synchronize)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cache.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        per_call_ms = max(start.elapsed_time(end), 1e-3)
+        n = max(protocol.repeats, math.ceil(protocol.min_run_time_s * 1e3 / per_call_ms))
+        n = min(n, max(protocol.repeats, 1000))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for ev_start, ev_end in events:
+            cache.zero_()
+            ev_start.record()
+            fn()
+            ev_end.record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) for s, e in events]
+        del cache
+    return Measurement.from_samples(samples)
+
+
+def last_level_cache_bytes(kind: str = "cpu", index: int = 0) -> int:
+    """The last-level cache of this machine's CPU (sysfs, the largest cache level of cpu0) or of CUDA
+    device ``index`` (its L2); :data:`DEFAULT_LLC_BYTES` where it cannot be read."""
+    if kind == "cuda":
+        try:
+            return int(torch.cuda.get_device_properties(index).L2_cache_size) or DEFAULT_LLC_BYTES
+        except (AttributeError, RuntimeError, AssertionError):
+            return DEFAULT_LLC_BYTES
+    best, base = 0, "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "size"), encoding="ascii") as fh:
+                text = fh.read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        return DEFAULT_LLC_BYTES
+    return best or DEFAULT_LLC_BYTES
+
+
+def cold_copies(footprint_bytes: int, cache_bytes: int, *, factor: float = COLD_FOOTPRINT,
+                max_copies: int = COLD_MAX_COPIES, max_bytes: int = COLD_MAX_BYTES) -> int:
+    """How many copies of a layer (``footprint_bytes`` each: weights, input, output) to rotate through so
+    that together they exceed ``factor`` times the cache: 1 when one copy already does, at most
+    ``max_copies`` and ``max_bytes`` in all (at least 1)."""
+    footprint = max(1, int(footprint_bytes))
+    want = math.ceil(factor * cache_bytes / footprint)
+    return max(1, min(want, max_copies, max(1, max_bytes // footprint)))
+
+
+def time_callable(fn: Callable[[], Any], device: Any, protocol: TimingProtocol, *, flush: bool = False) -> Measurement:
     """Time ``fn`` on ``device`` (a :class:`~fleetprune.profiler.device.DeviceInfo`) with ``protocol``.
 
-    The caller decides the autograd mode; the profiler calls this under ``torch.inference_mode``.
+    ``flush`` (the profiler's ``cold`` mode on CUDA): single calls with L2 flushed before each
+    (:func:`time_cuda_flushed`). The caller decides the autograd mode; the profiler calls this under
+    ``torch.inference_mode``.
     """
     if device.kind == "cuda":
+        if flush:
+            return time_cuda_flushed(fn, protocol, device.index)
         return time_cuda(fn, protocol, device.index)
     return time_cpu(fn, protocol, int(device.threads or torch.get_num_threads()))

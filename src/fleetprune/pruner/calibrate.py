@@ -80,6 +80,18 @@ class ScaledTable:
         self.table, self.a = table, float(a)
         self.device_key = getattr(table, "device_key", "")
 
+    @property
+    def covers_ops(self) -> bool | None:
+        """The wrapped table's (None where it does not say: the latency model probes it)."""
+        return getattr(self.table, "covers_ops", None)
+
+    def __contains__(self, item: object) -> bool:
+        try:
+            self.table.lookup(item)
+        except Exception:  # noqa: BLE001 - any miss
+            return False
+        return True
+
     def lookup(self, config: Any) -> float:
         return self.a * self.table.lookup(config)
 
@@ -146,6 +158,7 @@ class Settled:
             "narrow_measured_ms": self.narrow_measured_ms, "narrow_layer_sum_ms": self.narrow_layer_sum_ms,
             "floor_share": self.floor_share, "latency_fit": self.latency_fit, "fixed_ms": lm.fixed_ms,
             "fixed_source": lm.fixed_source, "correction": list(self.correction) if self.correction else None,
+            "ops_priced": lm.ops_priced, "pricing_note": lm.ops_note,
         }
 
 

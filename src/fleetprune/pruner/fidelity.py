@@ -61,10 +61,10 @@ class ValidationDesign:
     calibration: int
 
     def configs(self) -> list[LayerConfig]:
-        """Every layer configuration the width plans need, deduplicated, in first-seen order."""
+        """Every layer and op configuration the width plans need, deduplicated, in first-seen order."""
         seen: dict[LayerConfig, None] = {}
         for w in self.widths:
-            for layer in self.plan.layers:
+            for layer in [*self.plan.layers, *self.plan.ops]:
                 seen.setdefault(self.plan.layer_config(layer, w), None)
         return list(seen)
 

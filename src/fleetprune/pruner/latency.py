@@ -44,6 +44,32 @@ def layer_groups(layer: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(input_groups(layer) + out))
 
 
+def table_covers_ops(table: Any, ops: Sequence[Any] = ()) -> bool:
+    """Whether ``table`` prices op rows: its ``covers_ops`` where it has one (a ``LatencyTable``), else
+    whether it holds the dense configuration of any of ``ops`` (synthetic tables in tests)."""
+    covers = getattr(table, "covers_ops", None)
+    if covers is not None:
+        return bool(covers)
+    for op in ops:
+        base = op.base
+        try:
+            if base in table if hasattr(table, "__contains__") else table.lookup(base) is not None:
+                return True
+        except Exception:  # noqa: BLE001 - a miss of any kind means "not covered"
+            continue
+    return False
+
+
+def ops_note(table: Any, ops: Sequence[Any]) -> str:
+    """What a model says when its table has no op rows: priced as before, and what to profile."""
+    kinds = sorted({op.base.op for op in ops})
+    key = getattr(table, "device_key", "") or "DEVICE"
+    root = getattr(table, "root", None) or "ROOT"
+    return (f"the table of {key} has no rows of {', '.join(kinds)} (schema 2, or profiled before fleetprune priced "
+            f"them): the network is priced from its convs and linears alone, as before; run `fleetprune profile "
+            f"MODEL --tables {root} --devices {key}` with the setting you prune at to measure them")
+
+
 class LatencyModel:
     """Predicted latency of a network from a plan and a latency table.
 
@@ -61,16 +87,32 @@ class LatencyModel:
             is below zero where layers run slower in the network than alone (weights streamed from
             memory), so that line, not a clamp, is what matches the measurements.
         fixed_source: where ``fixed_ms`` came from, for reports.
+        ops: whether to sum the plan's op rows (residual adds, pools, activations, squeeze-excitation,
+            concat); None (default): when the table holds op rows (:func:`table_covers_ops`). Without
+            them the network is priced from its convs and linears alone, as tables before schema 3
+            did, and :attr:`ops_note` says so.
+
+    Attributes:
+        layers: what is summed: the plan's layers (less those an op row absorbs) and its ops, or the
+            layers alone; every entry has its channel groups, so the knapsack sees an op's cost too.
+        ops_priced: whether the op rows are in the sum.
+        ops_note: empty, or why the plan's ops are not priced (and how to price them).
     """
 
-    def __init__(self, plan: Any, table: Any, fixed_ms: float = 0.0, fixed_source: str = "none"):
+    def __init__(self, plan: Any, table: Any, fixed_ms: float = 0.0, fixed_source: str = "none",
+                 ops: bool | None = None):
         if not np.isfinite(fixed_ms):
             raise ValueError(f"fixed_ms must be a finite number, got {fixed_ms}")
         self.plan = plan
         self.table = table
         self.fixed_ms = float(fixed_ms)
         self.fixed_source = fixed_source
-        self.layers = list(plan.layers)
+        plan_ops = list(getattr(plan, "ops", ()) or ())
+        self.ops_priced = bool(plan_ops) and (table_covers_ops(table, plan_ops) if ops is None else bool(ops))
+        self.ops_note = "" if self.ops_priced or not plan_ops else ops_note(table, plan_ops)
+        if self.ops_note:
+            log.info("%s", self.ops_note)
+        self.layers = list(plan.priced(self.ops_priced)) if hasattr(plan, "priced") else list(plan.layers)
         self._groups = {g.name: g for g in plan.groups}
         self._dense = dict(plan.dense_widths())
         self._deps = {layer.name: layer_groups(layer) for layer in self.layers}
@@ -83,7 +125,8 @@ class LatencyModel:
     # ----------------------------------------------------------------------------------- lookups
     def with_measured_dense(self, measured_dense_ms: float, source: str = "measured dense") -> "LatencyModel":
         """A copy whose ``fixed_ms`` is the measured dense latency minus the modeled layer sum."""
-        model = LatencyModel(self.plan, self.table, fixed_part(measured_dense_ms, self.layer_sum(self._dense)), source)
+        model = LatencyModel(self.plan, self.table, fixed_part(measured_dense_ms, self.layer_sum(self._dense)), source,
+                             ops=self.ops_priced)
         model._cache = self._cache
         return model
 

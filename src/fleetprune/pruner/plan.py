@@ -34,15 +34,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from fleetprune.errors import FleetpruneError, ModelError
-from fleetprune.tables.config import DTYPES, MEMORY_FORMATS, LayerConfig
+from fleetprune.tables.config import DTYPES, MEMORY_FORMATS, SAME_CHANNEL_OPS, SE_ACTS, LayerConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,14 @@ class Plan:
     max_choices: int
     dtype: str
     memory_format: str
+    ops: list[PlannedLayer] = field(default_factory=list)
+    absorbed: tuple[str, ...] = ()
     _group_index: dict[str, ChannelGroup] = field(default_factory=dict, init=False, repr=False, compare=False)
     _layer_index: dict[str, PlannedLayer] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._group_index = {g.name: g for g in self.groups}
-        self._layer_index = {layer.name: layer for layer in self.layers}
+        self._layer_index = {layer.name: layer for layer in [*self.layers, *self.ops]}
 
     # -- lookups -------------------------------------------------------------------------------
     def group(self, name: str) -> ChannelGroup:
@@ -194,6 +197,8 @@ class Plan:
         """The configuration of ``layer`` when groups have ``widths`` (missing groups stay dense)."""
         layer = self.layer(layer) if isinstance(layer, str) else layer
         cin = layer.in_fixed + sum(m * self._width(widths, g) for g, m in layer.in_parts)
+        if layer.base.op in SAME_CHANNEL_OPS:
+            return layer.base.with_channels(cin, cin)
         cout = self._width(widths, layer.out_group) if layer.out_group is not None else layer.base.cout
         if layer.base.op == "dwconv":
             cin = cout
@@ -206,6 +211,8 @@ class Plan:
         cins = {layer.in_fixed}
         for g, m in layer.in_parts:
             cins = {s + m * c for s in cins for c in self.group(g).choices}
+        if layer.base.op in SAME_CHANNEL_OPS:
+            return {(c, c) for c in cins}
         return {(ci, co) for ci in cins for co in couts}
 
     def layer_configs(self, layer: PlannedLayer | str) -> list[LayerConfig]:
@@ -213,23 +220,38 @@ class Plan:
         layer = self.layer(layer) if isinstance(layer, str) else layer
         return [layer.base.with_channels(ci, co) for ci, co in sorted(self._pairs(layer))]
 
+    def priced(self, ops: bool = True) -> list[PlannedLayer]:
+        """What the latency model sums: with ``ops``, every layer whose cost no op row holds, then the
+        op rows; without, the layers alone (how a table without op rows prices the network)."""
+        if not ops:
+            return list(self.layers)
+        absorbed = set(self.absorbed)
+        return [layer for layer in self.layers if layer.name not in absorbed] + list(self.ops)
+
     def configs(self) -> list[LayerConfig]:
-        """Every configuration any layer can take, deduplicated across layers, sorted."""
+        """Every configuration any layer or op can take, deduplicated across layers, sorted.
+
+        The layers an op row absorbs (a squeeze-excitation's two 1x1 convs) stay in: a table without
+        op rows prices the network from them.
+        """
         # Repeated blocks share a dense config, so pool their (cin, cout) pairs before building.
         by_base: dict[LayerConfig, set[tuple[int, int]]] = {}
-        for layer in self.layers:
+        for layer in [*self.layers, *self.ops]:
             by_base.setdefault(layer.base, set()).update(self._pairs(layer))
         seen = {base.with_channels(ci, co) for base, pairs in by_base.items() for ci, co in pairs}
         return sorted(seen)
 
     def summary(self) -> dict[str, int]:
-        """Counts for reports: layers, groups, prunable groups, configs with and without dedup."""
+        """Counts for reports: layers, ops, groups, prunable groups, configs (of layers and ops) with and
+        without dedup, and the configs of layers alone (what a table before op rows needed)."""
         return {
             "layers": len(self.layers),
+            "ops": len(self.ops),
             "groups": len(self.groups),
             "prunable_groups": len(self.prunable_groups()),
             "configs": len(self.configs()),
-            "configs_without_dedup": sum(len(self._pairs(layer)) for layer in self.layers),
+            "configs_without_dedup": sum(len(self._pairs(layer)) for layer in [*self.layers, *self.ops]),
+            "layer_configs": len({c for layer in self.layers for c in self.layer_configs(layer)}),
         }
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -244,6 +266,8 @@ class Plan:
             "memory_format": self.memory_format,
             "groups": [g.to_dict() for g in self.groups],
             "layers": [layer.to_dict() for layer in self.layers],
+            "ops": [op.to_dict() for op in self.ops],
+            "absorbed": list(self.absorbed),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -262,6 +286,7 @@ class Plan:
             input_shape=tuple(int(s) for s in d["input_shape"]),
             round_to=int(d["round_to"]), max_choices=int(d["max_choices"]),
             dtype=str(d["dtype"]), memory_format=str(d["memory_format"]),
+            ops=[PlannedLayer.from_dict(op) for op in d.get("ops", ())], absorbed=tuple(d.get("absorbed", ())),
         )
 
     @classmethod
@@ -470,8 +495,9 @@ def build_plan(
             name=label, base=base, in_group=in_group, out_group=og.name if og else None,
             bn=_following_bn(graph, m, names), in_parts=tuple(parts), in_fixed=fixed,
         ))
+    ops, absorbed = plan_ops(model, example_input, planned, groups, dtype=dtype, memory_format=memory_format)
     plan = Plan(groups=groups, layers=planned, input_shape=tuple(example_input.shape), round_to=round_to,
-                max_choices=max_choices, dtype=dtype, memory_format=memory_format)
+                max_choices=max_choices, dtype=dtype, memory_format=memory_format, ops=ops, absorbed=tuple(absorbed))
     if log.isEnabledFor(logging.INFO):
         log.info("plan for %s: %s", type(model).__name__, plan.summary())
     return plan
@@ -566,3 +592,398 @@ def _following_bn(graph: Any, m: nn.Module, names: dict[nn.Module, str]) -> str 
         if isinstance(n.module, nn.modules.batchnorm._BatchNorm) and n.module.num_features == _out_channels(m)
     ]
     return names[bns[0]] if len(bns) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# ops: everything between the convs and linears whose cost moves with the widths
+
+
+_FREE_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
+_ACT_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+    nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+}
+_ACT_FUNCTIONS = {"relu": "relu", "relu_": "relu", "relu6": "relu6", "hardswish": "hardswish",
+                  "hardsigmoid": "hardsigmoid", "silu": "silu", "gelu": "gelu", "sigmoid": "sigmoid",
+                  "sigmoid_": "sigmoid", "tanh": "tanh"}
+# Functions and methods that cost nothing in inference (views, shape queries, eval-mode identities).
+_FREE_CALLS = {"getitem", "getattr", "size", "dim", "_assert", "eq", "floordiv", "flatten", "view", "reshape",
+               "transpose", "permute", "swapaxes", "unsqueeze", "squeeze", "chunk", "split", "dropout",
+               "stochastic_depth", "identity", "type_as", "to", "float", "detach", "expand"}
+_ADD_CALLS = {"add", "add_", "iadd"}
+
+
+@dataclass
+class _Recipe:
+    """How a tensor's channel count follows the widths: ``fixed + sum(mult * width(group))``.
+
+    ``None`` parts mean the channels are not a function of the plan's groups (a slice, a shuffle's
+    view): the op is priced at its dense size (the groups feeding it are fixed anyway).
+    """
+
+    parts: tuple[tuple[str, int], ...]
+    fixed: int
+
+
+def _call_name(node: Any) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _tensor_shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+class _OpPlanner:
+    """Walks the torch.fx graph of a model and prices every width-dependent op that is not a layer."""
+
+    def __init__(self, gm: Any, layers: dict[str, PlannedLayer], prunable: set[str], batch: int, dtype: str,
+                 memory_format: str):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.layers = layers
+        self.prunable = prunable
+        self.batch, self.dtype, self.memory_format = batch, dtype, memory_format
+        self.recipes: dict[Any, _Recipe | None] = {}
+        self.ops: list[PlannedLayer] = []
+        self.absorbed: list[str] = []
+        self.done: set[Any] = set()  # nodes whose cost an op row (or a layer row) already holds
+        self.fused_into: dict[Any, str] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def kind(self, node: Any) -> str:
+        if node.op == "call_module":
+            return type(self.modules[node.target]).__name__
+        return _call_name(node)
+
+    def label(self, node: Any) -> str:
+        return str(node.target) if node.op == "call_module" else node.name
+
+    def fail(self, node: Any, why: str) -> None:
+        raise ModelError(
+            f"cannot price op {self.kind(node)!r} at {self.label(node)!r} ({why}); fleetprune prices convs, linears, "
+            "residual adds, max/avg/adaptive-avg pools, ReLU/ReLU6/Hardswish/Hardsigmoid/SiLU/GELU/sigmoid/tanh, "
+            "batch norm, squeeze-excitation blocks and channel concats: replace the op, or prune a model without it"
+        )
+
+    def recipe(self, node: Any) -> _Recipe | None:
+        return self.recipes.get(node) if hasattr(node, "op") else None
+
+    def tensor_inputs(self, node: Any) -> list[Any]:
+        return [a for a in node.all_input_nodes if _tensor_shape(a) is not None]
+
+    def add_op(self, node: Any, config: LayerConfig, recipe: _Recipe | None, *, out_group: str | None = None,
+               name: str | None = None) -> None:
+        parts = tuple((g, m) for g, m in recipe.parts if g in self.prunable) if recipe else ()
+        fixed = config.cin - sum(m * self.group_width[g] for g, m in parts)
+        in_group = parts[0][0] if len(parts) == 1 and parts[0][1] == 1 and fixed == 0 else None
+        if config.op != "se":
+            out_group = in_group
+        self.ops.append(PlannedLayer(name=name or self.label(node), base=config, in_group=in_group,
+                                     out_group=out_group, bn=None, in_parts=parts, in_fixed=fixed))
+
+    def config(self, op: str, shape: tuple[int, ...] | None, node: Any, **kw: Any) -> LayerConfig:
+        if shape is None:
+            self.fail(node, "its input is not a tensor of known shape")
+        if len(shape) == 4:
+            _, c, h, w = shape
+        elif len(shape) == 2:
+            (_, c), h, w = shape, 1, 1
+        else:
+            self.fail(node, f"its input has shape {shape}; ops are priced on (N, C, H, W) or (N, C) tensors")
+        kw.setdefault("act", "none")
+        return LayerConfig(op=op, cin=c, cout=kw.pop("cout", c), in_h=h, in_w=w, batch=self.batch, dtype=self.dtype,
+                           memory_format=self.memory_format, **kw)
+
+    # -- the walk -------------------------------------------------------------------------------
+    def run(self, group_width: dict[str, int]) -> None:
+        self.group_width = group_width
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                shape = _tensor_shape(node)
+                self.recipes[node] = _Recipe((), shape[1]) if shape and len(shape) > 1 else None
+            elif node.op in ("call_module", "call_function", "call_method"):
+                self.visit(node)
+
+    def visit(self, node: Any) -> None:
+        shape = _tensor_shape(node)
+        inputs = self.tensor_inputs(node)
+        first = inputs[0] if inputs else None
+        through = self.recipe(first) if first is not None else None
+        kind = self.kind(node)
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                layer = self.layers.get(node.target)
+                if layer is None:  # not planned (does not run for this input): nothing to price
+                    self.recipes[node] = None
+                elif layer.out_group is not None:
+                    self.recipes[node] = _Recipe(((layer.out_group, 1),), 0)
+                else:
+                    self.recipes[node] = _Recipe((), layer.base.cout)
+                return
+            self.recipes[node] = through
+            if node in self.done or isinstance(m, _FREE_MODULES):
+                return
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if first is not None and self._is_layer(first):
+                    return  # folded into the conv before it, as deployed
+                self.add_op(node, self.config("bn", _tensor_shape(first), node), through)
+            elif type(m) in _ACT_MODULES:
+                self.activation(node, _ACT_MODULES[type(m)], first, through)
+            elif isinstance(m, nn.MaxPool2d) or isinstance(m, nn.AvgPool2d):
+                self.pool(node, "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool", first, through,
+                          m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1), m.ceil_mode)
+            elif isinstance(m, nn.AdaptiveAvgPool2d):
+                self.adaptive(node, first, through, m.output_size)
+            else:
+                self.fail(node, f"{type(m).__name__} is not an op fleetprune can time")
+            return
+        name = _call_name(node)
+        if shape is None and name not in _ADD_CALLS:
+            self.recipes[node] = None
+            return  # shape queries, asserts: no tensor, no cost
+        if name in ("flatten", "view", "reshape") and first is not None:
+            self.recipes[node] = self.reshaped(first, shape)
+            return
+        if name in _FREE_CALLS:
+            self.recipes[node] = through if name in ("dropout", "stochastic_depth", "identity", "to", "type_as",
+                                                     "float", "detach", "contiguous") else None
+            if name == "getitem" and through is not None and shape == _tensor_shape(first):
+                self.recipes[node] = through
+            return
+        self.recipes[node] = through
+        if node in self.done:
+            return
+        if name in _ADD_CALLS:
+            self.add(node, inputs)
+        elif name in _ACT_FUNCTIONS:
+            self.activation(node, _ACT_FUNCTIONS[name], first, through)
+        elif name == "contiguous":
+            if len(shape) > 4:  # a channel shuffle's (N, groups, C/groups, H, W) view
+                shape = (shape[0], math.prod(shape[1:-2]), shape[-2], shape[-1])
+            self.add_op(node, self.config("act", shape, node, act="copy"), None)
+            self.recipes[node] = None
+        elif name == "cat":
+            self.concat(node, inputs, shape)
+        elif name == "mul":
+            self.mul(node, inputs)
+        elif name in ("max_pool2d", "avg_pool2d"):
+            k = _arg(node, 1, "kernel_size")
+            s = _arg(node, 2, "stride") or k
+            p = _arg(node, 3, "padding", 0)
+            if name == "max_pool2d":
+                d, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
+            else:
+                d, ceil = 1, _arg(node, 4, "ceil_mode", False)
+            self.pool(node, "maxpool" if name == "max_pool2d" else "avgpool", first, through, k, s, p, d, ceil)
+        elif name == "adaptive_avg_pool2d":
+            self.adaptive(node, first, through, _arg(node, 1, "output_size"))
+        elif name == "mean":
+            dims = _arg(node, 1, "dim")
+            dims = tuple(int(d) % 4 for d in (dims if isinstance(dims, (list, tuple)) else (dims,)))
+            if first is None or len(_tensor_shape(first) or ()) != 4 or set(dims) != {2, 3}:
+                self.fail(node, "only a mean over the two spatial dims (a global average pool) is priced")
+            self.adaptive(node, first, through, 1)
+        else:
+            self.fail(node, "no table row prices it")
+
+    def _is_layer(self, node: Any) -> bool:
+        return node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.Linear))
+
+    def _is_folded_bn(self, node: Any) -> bool:
+        return (node.op == "call_module" and isinstance(self.modules[node.target], nn.modules.batchnorm._BatchNorm)
+                and self.tensor_inputs(node) and self._is_layer(self.tensor_inputs(node)[0]))
+
+    def activation(self, node: Any, act: str, first: Any, through: _Recipe | None) -> None:
+        if act == "relu" and first is not None:
+            conv = first if self._is_layer(first) else None
+            if conv is None and self._is_folded_bn(first):
+                conv = self.tensor_inputs(first)[0]
+            if conv is not None and isinstance(self.modules[conv.target], nn.Conv2d) and len(first.users) == 1:
+                return  # a conv row holds its ReLU (conv + folded BN + ReLU)
+            if first in self.fused_into and len(first.users) == 1:
+                return  # fused into the residual add before it
+        self.add_op(node, self.config("act", _tensor_shape(first), node, act=act), through)
+
+    def pool(self, node: Any, op: str, first: Any, through: _Recipe | None, k: Any, s: Any, p: Any, d: Any,
+             ceil: bool) -> None:
+        kh, kw = _pair(k)
+        sh, sw = _pair(s if s else k)
+        ph, pw = _pair(p)
+        dh, dw = _pair(d)
+        if dh != dw:
+            self.fail(node, f"dilation {d} differs between the axes")
+        shape = _tensor_shape(first) if first is not None else None
+        if shape is None or len(shape) != 4:
+            self.fail(node, f"its input has shape {shape}")
+        self.add_op(node, self.config(op + ("_ceil" if ceil else ""), shape, node, kh=kh, kw=kw, sh=sh, sw=sw,
+                                      ph=ph, pw=pw, dilation=dh if op == "maxpool" else 1), through)
+
+    def adaptive(self, node: Any, first: Any, through: _Recipe | None, size: Any) -> None:
+        shape = _tensor_shape(first) if first is not None else None
+        if shape is None or len(shape) != 4:
+            self.fail(node, f"its input has shape {shape}")
+        out = _tensor_shape(node)
+        oh, ow = (out[2], out[3]) if out is not None and len(out) == 4 else (1, 1)
+        self.add_op(node, self.config("adaptive_avgpool", shape, node, kh=oh, kw=ow), through)
+
+    def add(self, node: Any, inputs: list[Any]) -> None:
+        shape = _tensor_shape(node)
+        if len(inputs) != 2 or shape is None or any(_tensor_shape(a) != shape for a in inputs):
+            self.fail(node, "only the sum of two tensors of the same shape (a residual add) is priced")
+        act = "none"
+        users = list(node.users)
+        if len(users) == 1:
+            u = users[0]
+            is_relu = (u.op == "call_module" and isinstance(self.modules[u.target], nn.ReLU)) or \
+                (u.op != "call_module" and _call_name(u) in ("relu", "relu_"))
+            if is_relu:
+                act = "relu"
+                self.fused_into[node] = "add"
+        rec = self.recipe(inputs[0]) or self.recipe(inputs[1])
+        self.recipes[node] = rec
+        self.add_op(node, self.config("add", shape, node, act=act), rec)
+
+    def concat(self, node: Any, inputs: list[Any], shape: tuple[int, ...] | None) -> None:
+        dim = _arg(node, 1, "dim", 0)
+        if shape is None or len(shape) not in (2, 4) or int(dim) % len(shape) != 1:
+            self.fail(node, "only a concat along the channel dim is priced")
+        recs = [self.recipe(a) for a in inputs]
+        rec = None if any(r is None for r in recs) else _Recipe(
+            tuple(p for r in recs for p in r.parts), sum(r.fixed for r in recs))
+        self.recipes[node] = rec
+        self.add_op(node, self.config("concat", shape, node, groups=len(inputs)), rec)
+
+    def mul(self, node: Any, inputs: list[Any]) -> None:
+        se = self.squeeze_excitation(node, inputs)
+        if se is None:
+            self.fail(node, "a product is priced only as the scale of a squeeze-excitation block")
+
+    def squeeze_excitation(self, node: Any, inputs: list[Any]) -> bool | None:
+        """Match ``x * gate(conv(act(conv(pool(x)))))`` and price it as one ``se`` row."""
+        if len(inputs) != 2:
+            return None
+        shapes = [_tensor_shape(a) for a in inputs]
+        for gi in (0, 1):
+            x, gate = inputs[1 - gi], inputs[gi]
+            xs, gs = shapes[1 - gi], shapes[gi]
+            if len(xs) != 4 or gs != (xs[0], xs[1], 1, 1):
+                continue
+            chain, cur = [], gate
+            while cur is not x and len(chain) < 8:
+                chain.append(cur)
+                ins = self.tensor_inputs(cur)
+                if len(ins) != 1:
+                    break
+                cur = ins[0]
+            if cur is not x:
+                continue
+            kinds = [self.kind(c) for c in reversed(chain)]  # pool, conv, act, conv, gate
+            convs = [c for c in chain if self._is_layer(c)]
+            acts = [self._act_of(c) for c in reversed(chain) if not self._is_layer(c)]
+            if len(chain) != 5 or len(convs) != 2 or None in acts[1:]:
+                continue
+            if kinds[0] not in ("AdaptiveAvgPool2d", "adaptive_avg_pool2d", "mean"):
+                continue
+            inner, gate_act = acts[1], acts[2]
+            if f"{inner}-{gate_act}" not in SE_ACTS:
+                continue
+            fc1 = self.layers.get(str(list(reversed(chain))[1].target))
+            if fc1 is None:
+                continue
+            cfg = self.config("se", xs, node, cout=fc1.base.cout, act=f"{inner}-{gate_act}")
+            # the SE's own ops are in this row: leave the pool's and activations' rows out
+            for c in chain:
+                if not self._is_layer(c):
+                    self.ops = [o for o in self.ops if o.name != self.label(c)]
+            self.absorbed.extend(str(c.target) for c in reversed(chain) if self._is_layer(c))
+            self.add_op(node, cfg, self.recipe(x), out_group=fc1.out_group)
+            self.recipes[node] = self.recipe(x)
+            return True
+        return None
+
+    def _act_of(self, node: Any) -> str | None:
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, nn.AdaptiveAvgPool2d):
+                return "pool"
+            return _ACT_MODULES.get(type(m))
+        name = _call_name(node)
+        if name in ("adaptive_avg_pool2d", "mean"):
+            return "pool"
+        return _ACT_FUNCTIONS.get(name)
+
+    def reshaped(self, first: Any, shape: tuple[int, ...] | None) -> _Recipe | None:
+        rec, before = self.recipe(first), _tensor_shape(first)
+        if rec is None or shape is None or before is None or len(shape) != 2:
+            return None
+        if len(before) == 4 and shape[1] == before[1] * before[2] * before[3]:
+            hw = before[2] * before[3]
+            return _Recipe(tuple((g, m * hw) for g, m in rec.parts), rec.fixed * hw)
+        if len(before) >= 2 and shape[1] == before[1] and all(s == 1 for s in before[2:]):
+            return rec
+        return None
+
+
+def plan_ops(model: nn.Module, example_input: torch.Tensor, layers: Sequence[PlannedLayer],
+             groups: Sequence[ChannelGroup], *, dtype: str, memory_format: str) -> tuple[list[PlannedLayer], list[str]]:
+    """The rows of every op that is not a conv or linear, from the model's torch.fx graph.
+
+    Residual adds (a ReLU right after one is fused into its row), pools, activations a conv row does
+    not already hold (it holds a ReLU), batch norms no conv absorbs, squeeze-excitation blocks (one
+    row for pool, two 1x1 convs, activations and scale; the two convs are returned as absorbed) and
+    channel concats. Views, shape queries and eval-mode identities cost nothing.
+
+    Returns:
+        ``(ops, absorbed)``: the op rows in graph order, and the layers whose cost an op row holds.
+
+    Raises:
+        ModelError: an op no row can price, named with its node.
+    """
+    from torch.fx import symbolic_trace
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    was_training = model.training
+    model.eval()
+    try:
+        gm = symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the same message
+        raise ModelError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}), so the ops between its "
+            "layers cannot be priced; make its forward traceable (no data-dependent control flow)"
+        ) from exc
+    finally:
+        model.train(was_training)
+    prunable = {g.name for g in groups if g.prunable}
+    planner = _OpPlanner(gm, {layer.name: layer for layer in layers}, prunable, int(example_input.shape[0]), dtype,
+                         memory_format)
+    planner.run({g.name: g.width for g in groups})
+    names = {layer.name for layer in layers}
+    ops, seen = [], set(names)
+    for op in planner.ops:
+        name, k = op.name, 2
+        while name in seen:
+            name, k = f"{op.name}#{k}", k + 1
+        seen.add(name)
+        ops.append(dataclasses.replace(op, name=name) if name != op.name else op)
+    return ops, planner.absorbed

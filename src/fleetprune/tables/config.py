@@ -6,18 +6,50 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-OPS = ("conv", "dwconv", "linear")
+LAYER_OPS = ("conv", "dwconv", "linear")
+"""The layers with weights: what tables held before schema version 3."""
+POOL_OPS = ("maxpool", "maxpool_ceil", "avgpool", "avgpool_ceil")
+"""Windowed pools; ``kh/kw, sh/sw, ph/pw`` (and ``dilation`` for max) as the module has them; ``_ceil`` is
+``ceil_mode=True``."""
+OP_KINDS = ("add", *POOL_OPS, "adaptive_avgpool", "act", "bn", "se", "concat")
+"""The width-dependent ops that are not conv/linear layers (schema version 3). See :class:`LayerConfig`."""
+OPS = LAYER_OPS + OP_KINDS
 DTYPES = ("fp32", "fp16", "bf16")
 MEMORY_FORMATS = ("nchw", "nhwc")
 ACTS = ("none", "relu")
+"""The activations a conv, linear or residual add carries fused."""
+ELEMENTWISE_ACTS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "gelu", "sigmoid", "tanh", "copy")
+"""What a standalone ``act`` row computes (``copy`` is a layout copy, e.g. ``.contiguous()`` after a shuffle)."""
+SE_INNER = ("relu", "silu", "relu6", "hardswish", "gelu")
+SE_GATES = ("sigmoid", "hardsigmoid")
+SE_ACTS = tuple(f"{inner}-{gate}" for inner in SE_INNER for gate in SE_GATES)
+"""A squeeze-excitation row's ``act``: ``<inner activation>-<gate>``."""
+SAME_CHANNEL_OPS = ("add", *POOL_OPS, "adaptive_avgpool", "act", "bn", "concat")
+"""Ops whose output channels are their input channels: the plan gives them ``cout == cin`` (not enforced here,
+so a synthetic table may round one side as it rounds a conv's)."""
 
 
 @dataclass(frozen=True, order=True)
 class LayerConfig:
-    """One measurable layer: a conv / depthwise conv (batch norm folded, activation fused) or a linear.
+    """One measurable layer: a conv / depthwise conv (batch norm folded, activation fused), a linear,
+    or one of the width-dependent ops of :data:`OP_KINDS`.
 
     ``groups`` is the real group count of the conv (``cin`` for ``dwconv``, 1 for a plain conv and
     for linear). For ``linear`` the spatial fields are 1 and ``in_h``/``in_w`` are 1.
+
+    The other ops reuse the same fields, so every key keeps one format (the channels are the
+    tensor's, ``in_h``/``in_w`` its input size; fields an op has no use for stay at their defaults):
+
+    * ``add``: a residual add of two ``(batch, cin, in_h, in_w)`` tensors, ``act`` fused after it
+      (``relu`` or ``none``); ``cout == cin``.
+    * ``maxpool``/``avgpool`` (``_ceil``: ``ceil_mode=True``): kernel, stride, padding (and dilation
+      for max) as the module has them; ``cout == cin``.
+    * ``adaptive_avgpool``: ``kh``/``kw`` are the output size (1x1 for a global pool).
+    * ``act``: a standalone elementwise op, ``act`` one of :data:`ELEMENTWISE_ACTS`.
+    * ``bn``: a batch norm that no conv absorbs (e.g. DenseNet's pre-activation norms).
+    * ``se``: a whole squeeze-excitation block (global pool, 1x1 conv ``cin -> cout``, inner
+      activation, 1x1 conv ``cout -> cin``, gate, scale of the input); ``act`` is ``inner-gate``.
+    * ``concat``: the channel concat whose output has ``cin`` channels, ``groups`` = its inputs.
     """
 
     op: str
@@ -45,8 +77,9 @@ class LayerConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
-        if self.act not in ACTS:
-            raise ValueError(f"act must be one of {ACTS}, got {self.act!r}")
+        acts = {"act": ELEMENTWISE_ACTS, "se": SE_ACTS}.get(self.op, ACTS)
+        if self.act not in acts:
+            raise ValueError(f"act of a {self.op} must be one of {acts}, got {self.act!r}")
         for name in ("cin", "cout", "kh", "kw", "sh", "sw", "dilation", "groups", "in_h", "in_w", "batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -65,19 +98,45 @@ class LayerConfig:
         )
 
     @property
+    def is_layer(self) -> bool:
+        """A conv, depthwise conv or linear (the kinds every table version holds)."""
+        return self.op in LAYER_OPS
+
+    @property
     def out_hw(self) -> tuple[int, int]:
         """Output spatial size, as torch computes it."""
         if self.op == "linear":
             return (1, 1)
-        oh = (self.in_h + 2 * self.ph - self.dilation * (self.kh - 1) - 1) // self.sh + 1
-        ow = (self.in_w + 2 * self.pw - self.dilation * (self.kw - 1) - 1) // self.sw + 1
+        if self.op == "adaptive_avgpool":
+            return (self.kh, self.kw)
+        if self.op in ("add", "act", "bn", "se", "concat"):
+            return (self.in_h, self.in_w)
+        dil = self.dilation if self.op in ("conv", "dwconv", "maxpool", "maxpool_ceil") else 1
+        if self.op.endswith("_ceil"):
+            oh = _ceil_out(self.in_h, self.kh, self.sh, self.ph, dil)
+            ow = _ceil_out(self.in_w, self.kw, self.sw, self.pw, dil)
+            return (oh, ow)
+        oh = (self.in_h + 2 * self.ph - dil * (self.kh - 1) - 1) // self.sh + 1
+        ow = (self.in_w + 2 * self.pw - dil * (self.kw - 1) - 1) // self.sw + 1
         return (oh, ow)
 
     @property
+    def elements(self) -> int:
+        """Elements of the input tensor(s) the op reads (for fake backends and reports)."""
+        per = self.batch * self.cin * self.in_h * self.in_w
+        return 2 * per if self.op == "add" else per
+
+    @property
     def macs(self) -> int:
-        """Multiply-accumulates of one forward pass (for fake backends and reports)."""
+        """Multiply-accumulates of one forward pass (for fake backends and reports); for the ops
+        without weights, the elements they touch (a squeeze-excitation adds its two 1x1 convs)."""
         oh, ow = self.out_hw
-        return self.batch * oh * ow * self.cout * (self.cin // self.groups) * self.kh * self.kw
+        if self.op in LAYER_OPS:
+            return self.batch * oh * ow * self.cout * (self.cin // self.groups) * self.kh * self.kw
+        if self.op == "se":
+            return self.elements + 2 * self.batch * self.cin * self.cout
+        window = self.kh * self.kw if self.op in POOL_OPS else 1
+        return max(self.elements, self.batch * self.cout * oh * ow * window)
 
     def with_channels(self, cin: int, cout: int) -> "LayerConfig":
         """The same layer at other channel counts (a dwconv keeps groups == cin == cout)."""
@@ -99,6 +158,14 @@ class LayerConfig:
             value = row[f.name]
             kwargs[f.name] = str(value) if f.type == "str" else int(value)
         return cls(**kwargs)
+
+
+def _ceil_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    """A pool's output size with ``ceil_mode=True`` (torch's rule: the last window must start inside)."""
+    out = -(-(size + 2 * p - d * (k - 1) - 1) // s) + 1
+    if (out - 1) * s >= size + p:
+        out -= 1
+    return out
 
 
 CONFIG_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LayerConfig))

@@ -4,7 +4,9 @@ A row is a :class:`LayerConfig` (its columns plus ``key``), the device key, the 
 statistics and when it was measured. ``lat_ms`` is the row's latency, the figure lookups use: the
 statistic the timing protocol names (``min`` by default, see ``profiler.timing``); ``lat_ms_min``,
 ``lat_ms_median`` and the percentiles stand beside it. Version 1 files had no ``lat_ms`` and
-``lat_ms_min``; they read as ``lat_ms = lat_ms_median`` and an unknown minimum.
+``lat_ms_min``; they read as ``lat_ms = lat_ms_median`` and an unknown minimum. Version 3 adds rows
+of the op kinds of ``tables.config.OP_KINDS`` in the same columns; version 1 and 2 files read as
+they are (a table without any such row prices networks from convs and linears, as before).
 
 Everything that is the same for a whole part file (device name and fingerprint, library versions,
 threads, timing protocol, schema version, an optional calibration) is one JSON dict stored in the
@@ -25,7 +27,9 @@ from fleetprune.errors import TableError
 from fleetprune.tables.config import CONFIG_COLUMNS, LayerConfig
 
 # Bump when a column is added, removed or changes meaning; readers refuse newer versions.
-SCHEMA_VERSION = 2
+# 3: rows of the op kinds beside conv/dwconv/linear (residual add, pools, activations, squeeze-excitation,
+# concat, standalone batch norm; same columns), and the timing protocol's ``cache`` mode.
+SCHEMA_VERSION = 3
 
 # The schema-metadata key that holds the provenance JSON.
 METADATA_KEY = b"fleetprune"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fleetprune.errors import MissingConfigsError
-from fleetprune.tables.config import LayerConfig
+from fleetprune.tables.config import LAYER_OPS, LayerConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class LatencyTable:
         self._latency: dict[str, float] = dict(
             zip(self.frame["key"].tolist(), self.frame["lat_ms"].astype(float).tolist())
         )
+        ops = self.frame["op"].astype(str).unique().tolist() if "op" in self.frame.columns else []
+        self._op_kinds = frozenset(o for o in ops if o not in LAYER_OPS)
 
     def __len__(self) -> int:
         return len(self._latency)
@@ -91,6 +93,21 @@ class LatencyTable:
             return None
         return (a, b)
 
+    @property
+    def op_kinds(self) -> frozenset[str]:
+        """The kinds of non-layer ops (residual add, pools, ...) the table holds rows of."""
+        return self._op_kinds
+
+    @property
+    def covers_ops(self) -> bool:
+        """Whether the table prices ops besides convs and linears (schema 3 rows of any op kind).
+
+        A table without any (schema 1 and 2, or profiled before fleetprune priced them) prices a
+        network from its convs and linears alone, as it always did: :meth:`missing` then leaves the
+        other kinds out and the latency model says so.
+        """
+        return bool(self._op_kinds)
+
     def lookup(self, config: LayerConfig) -> float:
         """Median latency in ms of exactly ``config``.
 
@@ -124,11 +141,18 @@ class LatencyTable:
             raise self._missing_error([c for c, v in zip(configs, values) if v is None])
         return np.asarray(values, dtype=np.float64)
 
-    def missing(self, configs: Iterable[LayerConfig]) -> list[LayerConfig]:
-        """The configurations of ``configs`` the table lacks, deduplicated, in first-seen order."""
+    def missing(self, configs: Iterable[LayerConfig], *, ops: bool | None = None) -> list[LayerConfig]:
+        """The configurations of ``configs`` the table lacks, deduplicated, in first-seen order.
+
+        ``ops`` says whether rows of the non-layer kinds count: None (default) counts them only when
+        the table :attr:`covers_ops`, so a schema 2 table still serves the networks it served.
+        """
+        ops = self.covers_ops if ops is None else ops
         seen: set[str] = set()
         out = []
         for c in configs:
+            if not ops and not c.is_layer:
+                continue
             k = c.key
             if k not in self._latency and k not in seen:
                 seen.add(k)
