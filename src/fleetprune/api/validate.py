@@ -143,7 +143,8 @@ def validate(
     rows = [{
         "run_id": run_id, "device_key": device, "model": model_name, "input_shape": "x".join(map(str, d.input_shape)),
         "variant": i, "dense": i == 0, "calibration": bool(fit and d.calibration > 0 and i <= d.calibration),
-        "layer_sum_ms": lm.layer_sum(widths), "measured_ms": protocol.latency(best[i]), "statistic": protocol.statistic,
+        "layer_sum_ms": lm.layer_sum(widths), "kind_sums": json.dumps(lm.kind_sums(widths), sort_keys=True),
+        "ops_priced": lm.ops_priced, "measured_ms": protocol.latency(best[i]), "statistic": protocol.statistic,
         "measured_min_ms": float(best[i].min_ms), "measured_median_ms": float(best[i].median_ms),
         "measured_p10_ms": float(best[i].p10_ms), "measured_p90_ms": float(best[i].p90_ms),
         "widths": json.dumps({k: int(v) for k, v in widths.items()}, sort_keys=True), "batch": int(s.batch),
@@ -151,12 +152,13 @@ def validate(
     } for i, widths in enumerate(d.widths)]
     summary = ValidationSummary(device_key=device, model=model_name, run_id=run_id, input_shape=d.input_shape,
                                 batch=s.batch, dtype=s.dtype, memory_format=s.memory_format)
+    summary.priced_ops = lm.ops_priced
     summarise(rows, summary, fit=fit, variants=variants)
     summary.path = _save(store, rows, table, tables, run_id)
     if summary.correction_stored:
         store.set_correction(device, summary.correction, provenance=table.provenance)
-        log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms", device, summary.correction["a"],
-                 summary.correction["b"])
+        log.info("%s: stored correction measured = %.4g * layer_sum + %.4g ms%s", device, summary.correction["a"],
+                 summary.correction["b"], " (and per op kind)" if "per_kind" in summary.correction else "")
     return summary
 
 

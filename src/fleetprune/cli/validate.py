@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure random width plans on this machine and report how well the table predicts them",
         description="Draw N random width plans (plus the dense model), predict each from the device's "
         "table, measure each end to end here, report the error, fit a correction measured ~ a * layer_sum "
-        "+ b on the dense model and the first variants, and store it in the table. Rows go to "
+        "+ b and one factor per op kind on the dense model and half the variants, report both on the rest, and store "
+        "the better in the table. Rows go to "
         "ROOT/validation.parquet.",
     )
     p.add_argument("model", metavar="MODEL", help="model name, e.g. resnet56, resnet18, mobilenet_v2")
@@ -105,5 +106,13 @@ def run(args: argparse.Namespace) -> int:
               f"{'+' if c['b'] >= 0 else '-'} {abs(c['b']):.4f} ms ({s.correction_note})")
         print(line("  held out, before", s.held_out_before))
         print(line("  held out, corrected", s.after))
+    if s.per_kind:
+        pk = s.per_kind
+        factors = "  ".join(f"{k} {f:.3f}" for k, f in sorted(pk["factors"].items()))
+        used = "stored" if s.correction_stored and "per_kind" in (s.correction or {}) else "not stored"
+        print(f"per op kind ({used}): {factors}  constant {pk['b']:+.4f} ms")
+        print(line("  held out, per kind", s.per_kind_after))
+    if not s.priced_ops:
+        print("note: the table has no op rows (adds, pools, activations...): priced from convs and linears alone")
     print(f"rows written to {s.path}")
     return 0

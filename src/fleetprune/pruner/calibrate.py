@@ -19,13 +19,14 @@ caller passes (the profiler on this machine, or an actor pinned to the device ty
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from fleetprune.errors import BudgetError, DeviceLostError
-from fleetprune.pruner.latency import LatencyModel
+from fleetprune.pruner.latency import LatencyModel, fit_kind
 from fleetprune.pruner.schedule import Budget
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ TABLE_ONLY = "table rows only"
 FIXED_MEASURED = "end-to-end measurement of the dense model"
 FIXED_TWO_POINT = "end-to-end measurements of the dense and the fastest network"
 FIXED_CORRECTION = "fitted correction from fleetprune validate"
+FIXED_PER_KIND = "per-kind correction from fleetprune validate"
+PRICED_BY = ("per-kind correction", "line correction", "two-point line", "dense offset", "table only")
+"""What ``Settled.priced_by`` (report.json's ``latency_model``) may say priced a variant."""
 LATENCY_FITS = ("two-point", "offset")
 
 
@@ -99,6 +103,52 @@ class ScaledTable:
         return self.a * np.asarray(self.table.lookup_many(configs), dtype=np.float64)
 
 
+class KindScaledTable(ScaledTable):
+    """A table whose lookups are scaled by a factor per op kind (a per-kind correction); a kind without
+    a factor is scaled by ``a`` (the fit's prior, the line's slope)."""
+
+    def __init__(self, table: Any, factors: Mapping[str, float], a: float):
+        super().__init__(table, a)
+        self.factors = {str(k): float(v) for k, v in factors.items()}
+
+    def _factor(self, config: Any) -> float:
+        return self.factors.get(fit_kind(config.op), self.a)
+
+    def lookup(self, config: Any) -> float:
+        return self._factor(config) * self.table.lookup(config)
+
+    def lookup_many(self, configs: Any) -> np.ndarray:
+        configs = list(configs)
+        scale = np.array([self._factor(c) for c in configs], dtype=np.float64)
+        return scale * np.asarray(self.table.lookup_many(configs), dtype=np.float64)
+
+
+class Correction(tuple):
+    """A stored validate correction: ``(a, b)`` of the line (unpacks and lists as before), and where the
+    table carries one, ``per_kind`` = ``{"factors": {kind: f}, "b": c, ...}`` (the pruner prefers it)."""
+
+    per_kind: dict[str, Any] | None
+
+    def __new__(cls, a: float, b: float, per_kind: Mapping[str, Any] | None = None) -> "Correction":
+        out = super().__new__(cls, (float(a), float(b)))
+        out.per_kind = dict(per_kind) if per_kind else None
+        return out
+
+
+def _usable_per_kind(raw: Any) -> dict[str, Any] | None:
+    """The per-kind fit of a stored correction if it is well formed (finite, non-negative factors)."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("factors"), Mapping):
+        return None
+    try:
+        factors = {str(k): float(v) for k, v in raw["factors"].items()}
+        b = float(raw["b"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not factors or not math.isfinite(b) or any(not math.isfinite(f) or f < 0 for f in factors.values()):
+        return None
+    return {**raw, "factors": factors, "b": b}
+
+
 def two_point_line(dense_sum: float, dense_ms: float, narrow_sum: float, narrow_ms: float) -> tuple[float, float] | None:
     """``measured ~ a * layer_sum + b`` through the dense and the fastest network, or None when the two
     cannot give a trustworthy line (layer sums within 10% of each other, a slope outside
@@ -112,11 +162,12 @@ def two_point_line(dense_sum: float, dense_ms: float, narrow_sum: float, narrow_
     return a, b
 
 
-def stored_correction(table: Any, model_name: str, setting: Mapping[str, Any]) -> tuple[float, float] | None:
+def stored_correction(table: Any, model_name: str, setting: Mapping[str, Any]) -> Correction | None:
     """The validate correction the table carries, if it was fitted for this model and setting.
 
     ``setting`` holds ``batch``, ``dtype``, ``memory_format`` and ``input_shape`` (a list); a field the
-    stored correction does not record is not checked (corrections written before it existed).
+    stored correction does not record is not checked (corrections written before it existed). The
+    result unpacks as ``(a, b)``; its ``per_kind`` is the per-kind fit where one was stored.
     """
     corr = table.correction
     raw = table.provenance.get("correction")
@@ -128,7 +179,7 @@ def stored_correction(table: Any, model_name: str, setting: Mapping[str, Any]) -
             have = raw.get(key)
             if have is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
                 return None
-    return corr
+    return Correction(corr[0], corr[1], _usable_per_kind(raw.get("per_kind")) if isinstance(raw, Mapping) else None)
 
 
 @dataclass
@@ -142,6 +193,7 @@ class Settled:
     narrow_layer_sum_ms: float | None = None
     correction: tuple[float, float] | None = None
     lost: str | None = None
+    priced_by: str = "table only"
 
     @property
     def floor_share(self) -> float | None:
@@ -158,7 +210,9 @@ class Settled:
             "narrow_measured_ms": self.narrow_measured_ms, "narrow_layer_sum_ms": self.narrow_layer_sum_ms,
             "floor_share": self.floor_share, "latency_fit": self.latency_fit, "fixed_ms": lm.fixed_ms,
             "fixed_source": lm.fixed_source, "correction": list(self.correction) if self.correction else None,
-            "ops_priced": lm.ops_priced, "pricing_note": lm.ops_note,
+            "ops_priced": lm.ops_priced, "pricing_note": lm.ops_note, "latency_model": self.priced_by,
+            "per_kind": dict(getattr(self.correction, "per_kind", None) or {}) or None
+            if self.priced_by == "per-kind correction" else None,
         }
 
 
@@ -187,7 +241,16 @@ def settle(plan: Any, table: Any, *, correction: tuple[float, float] | None = No
             out.narrow_layer_sum_ms = lm.layer_sum(fastest)
     if correction is not None:
         a, b = correction
+        per_kind = getattr(correction, "per_kind", None)
+        if per_kind:
+            factors = per_kind["factors"]
+            shown = ", ".join(f"{k}={f:.3g}" for k, f in sorted(factors.items()))
+            out.model = LatencyModel(plan, KindScaledTable(table, factors, float(per_kind.get("prior", a))),
+                                     float(per_kind["b"]), f"{FIXED_PER_KIND} ({shown}, b={per_kind['b']:.4g})")
+            out.priced_by = "per-kind correction"
+            return out
         out.model = LatencyModel(plan, ScaledTable(table, a), b, f"{FIXED_CORRECTION} (a={a:.4g}, b={b:.4g})")
+        out.priced_by = "line correction"
         return out
     if out.dense_measured_ms is None:
         return out
@@ -202,8 +265,10 @@ def settle(plan: Any, table: Any, *, correction: tuple[float, float] | None = No
     if line is not None:
         a, b = line
         out.model = LatencyModel(plan, ScaledTable(table, a), b, f"{FIXED_TWO_POINT} (a={a:.4g}, b={b:.4g})")
+        out.priced_by = "two-point line"
     else:
         out.model = lm.with_measured_dense(out.dense_measured_ms, FIXED_MEASURED)
+        out.priced_by = "dense offset"
     return out
 
 

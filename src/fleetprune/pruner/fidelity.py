@@ -13,15 +13,20 @@ What the figures compare (every one recomputes from the rows written to ``valida
   dense model. The "before" figures cover every random variant (the dense row is exact by
   construction and left out).
 * ``corrected_ms = a * layer_sum_ms + b`` on the held-out variants.
+* ``per_kind_ms = sum_k f_k * kind_sum_k + c``: one non-negative factor per op kind (conv, dwconv,
+  linear, add, act, se, ...) and a constant (:func:`fit_per_kind`), fitted on the same calibration
+  networks from each row's ``kind_sums`` and reported on the held-out ones. It replaces the line
+  when it predicts the held-out networks at least as well.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -34,8 +39,11 @@ from fleetprune.tables import LayerConfig
 
 log = logging.getLogger(__name__)
 
-# Variants (besides the dense model) used to fit the correction; the rest are held out.
+# Variants (besides the dense model) the correction was fitted on before issue 13 (now: half of them).
 CALIBRATION_VARIANTS = 5
+# Pull of each per-kind factor toward the line's slope, weighted by the kind's share of the networks:
+# kinds that move together (adds with the convs of their stage) cannot then trade factors freely.
+PER_KIND_RIDGE = 0.05
 # Smallest share of the dense layer latency a random plan aims at (keep fraction 0.15).
 MIN_LATENCY_SHARE = 0.0225
 # Spread of the per-group keep fraction around the plan's global one (lognormal sigma).
@@ -100,6 +108,9 @@ class ValidationSummary:
     correction_note: str = ""
     held_out_before: dict[str, float] | None = None
     after: dict[str, float] | None = None
+    per_kind: dict[str, Any] | None = None
+    per_kind_after: dict[str, float] | None = None
+    priced_ops: bool = False
     path: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -153,9 +164,50 @@ def fit_correction(layer_sum: Sequence[float], measured: Sequence[float]) -> dic
     return {"a": float(a), "b": float(b), "n": int(len(x))}
 
 
+def fit_per_kind(kind_sums: Sequence[Mapping[str, float]], measured: Sequence[float], *, prior: float = 1.0,
+                 ridge: float = PER_KIND_RIDGE) -> dict[str, Any]:
+    """Fit ``measured ~ sum_k f_k * kind_sum_k + c`` with every ``f_k >= 0`` (``scipy.optimize.lsq_linear``).
+
+    Relative residuals, as :func:`fit_correction`; a ridge of weight ``ridge`` pulls each factor toward
+    ``prior`` (the line's slope) in proportion to the kind's median share of the networks, so kinds
+    that always move together keep sensible factors. ``c`` is free (it may be negative, as the line's).
+
+    Returns:
+        ``{"factors": {kind: f}, "b": c, "n": networks, "prior": prior, "ridge": ridge}``.
+
+    Raises:
+        FleetpruneError: fewer than two networks.
+    """
+    from scipy.optimize import lsq_linear
+
+    y = np.asarray(measured, dtype=np.float64)
+    if len(y) < 2:
+        raise FleetpruneError("a per-kind correction needs at least two networks; raise --variants or pass --no-fit")
+    kinds = sorted({k for ks in kind_sums for k, v in ks.items() if v > 0})
+    x = np.array([[float(ks.get(k, 0.0)) for k in kinds] for ks in kind_sums], dtype=np.float64).reshape(len(y), -1)
+    prior = float(prior) if prior and prior > 0 and math.isfinite(prior) else 1.0
+    a = np.hstack([x, np.ones((len(y), 1))]) / y[:, None]
+    share = np.median(x / y[:, None], axis=0) if len(kinds) else np.zeros(0)
+    pull = np.hstack([np.diag(np.sqrt(ridge) * share), np.zeros((len(kinds), 1))])
+    lhs = np.vstack([a, pull])
+    rhs = np.concatenate([np.ones(len(y)), np.sqrt(ridge) * share * prior])
+    lower = np.concatenate([np.zeros(len(kinds)), [-np.inf]])
+    fit = lsq_linear(lhs, rhs, bounds=(lower, np.full(len(kinds) + 1, np.inf)))
+    return {"factors": {k: float(f) for k, f in zip(kinds, fit.x[:-1])}, "b": float(fit.x[-1]), "n": int(len(y)),
+            "prior": prior, "ridge": float(ridge)}
+
+
+def per_kind_predict(fit: Mapping[str, Any], kind_sums: Mapping[str, float]) -> float:
+    """What a per-kind correction predicts for a network's ``kind_sums`` (a kind the fit never saw is
+    scaled by its prior)."""
+    factors, prior = fit["factors"], float(fit.get("prior", 1.0))
+    return float(sum(float(factors.get(k, prior)) * v for k, v in kind_sums.items()) + float(fit["b"]))
+
+
 def calibration_count(variants: int) -> int:
-    """Random variants the correction is fitted on: up to :data:`CALIBRATION_VARIANTS`, at most half."""
-    return min(CALIBRATION_VARIANTS, variants // 2)
+    """Random variants the corrections are fitted on: half of them (the per-kind fit has a factor per op
+    kind to find); the other half is held out to report them."""
+    return variants // 2
 
 
 def draw_widths(plan: Plan, variants: int, seed: int = 0) -> list[dict[str, int]]:
@@ -226,6 +278,11 @@ def design(
     return ValidationDesign(factory, shape, plan, draw_widths(plan, variants, seed), calibration_count(variants))
 
 
+def _kind_sums(row: Mapping[str, Any]) -> dict[str, float]:
+    raw = row["kind_sums"]
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+
 def summarise(rows: list[dict[str, Any]], summary: ValidationSummary, *, fit: bool, variants: int) -> None:
     """Complete the rows (fixed part, prediction, correction) and ``summary`` from one run's measurements.
 
@@ -244,6 +301,8 @@ def summarise(rows: list[dict[str, Any]], summary: ValidationSummary, *, fit: bo
         # the float64 of other runs in the validation dataset.
         r["corrected_ms"] = float("nan")
         r["corrected_rel_error"] = float("nan")
+        r["per_kind_ms"] = float("nan")
+        r["per_kind_rel_error"] = float("nan")
     varied = [r for r in rows if not r["dense"]]
     summary.rows = rows
     summary.dense_measured_ms, summary.dense_layer_sum_ms, summary.fixed_ms = dense["measured_ms"], dense[
@@ -269,6 +328,18 @@ def summarise(rows: list[dict[str, Any]], summary: ValidationSummary, *, fit: bo
     summary.after = fidelity([r["corrected_ms"] for r in held], [r["measured_ms"] for r in held])
     err_before = summary.held_out_before["median_abs_error"]
     err_after = summary.after["median_abs_error"]
+    if all(r.get("kind_sums") for r in rows):
+        kinds = [_kind_sums(r) for r in calib]
+        pk = fit_per_kind(kinds, [r["measured_ms"] for r in calib], prior=corr["a"])
+        for r in rows:
+            r["per_kind_ms"] = per_kind_predict(pk, _kind_sums(r))
+            r["per_kind_rel_error"] = (r["per_kind_ms"] - r["measured_ms"]) / r["measured_ms"]
+        summary.per_kind = pk
+        summary.per_kind_after = fidelity([r["per_kind_ms"] for r in held], [r["measured_ms"] for r in held])
+        err_kind = summary.per_kind_after["median_abs_error"]
+        if not held or not err_kind > err_after:
+            corr["per_kind"] = pk  # it rides in the stored correction: the pruner prefers it to the line
+            err_after = min(err_after, err_kind)
     if corr["a"] <= 0:
         # A slope <= 0 would make the pruner's latency model fall as layers grow: never store it.
         summary.correction_note = f"not stored: the fitted slope a={corr['a']:.4g} is not positive"
@@ -283,4 +354,5 @@ def summarise(rows: list[dict[str, Any]], summary: ValidationSummary, *, fit: bo
                     "%.2f%% to %.2f%%", summary.device_key, 100 * err_before, 100 * err_after)
     else:
         summary.correction_stored = True
-        summary.correction_note = "stored in the table"
+        summary.correction_note = ("stored in the table (per op kind)" if "per_kind" in corr
+                                   else "stored in the table")

@@ -44,6 +44,11 @@ def layer_groups(layer: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(input_groups(layer) + out))
 
 
+def fit_kind(op: str) -> str:
+    """The op kind a per-kind correction fits one factor for (a pool's ``_ceil`` variant is its pool)."""
+    return op.removesuffix("_ceil")
+
+
 def table_covers_ops(table: Any, ops: Sequence[Any] = ()) -> bool:
     """Whether ``table`` prices op rows: its ``covers_ops`` where it has one (a ``LatencyTable``), else
     whether it holds the dense configuration of any of ``ops`` (synthetic tables in tests)."""
@@ -184,6 +189,15 @@ class LatencyModel:
         full = self.full_widths(widths)
         self._ensure((layer, full) for layer in self.layers)
         return {layer.name: self._cache[self._key(layer, full)] for layer in self.layers}
+
+    def kind_sums(self, widths: Widths | None = None) -> dict[str, float]:
+        """The layer sum at ``widths`` split by op kind (:func:`fit_kind`): what a per-kind correction scales."""
+        out: dict[str, float] = {}
+        names = {layer.name: layer for layer in self.layers}
+        for name, ms in self.layer_costs(widths).items():
+            kind = fit_kind(names[name].base.op)
+            out[kind] = out.get(kind, 0.0) + ms
+        return out
 
     def layer_sum(self, widths: Widths | None = None) -> float:
         """Sum of the layer latencies at ``widths``, without ``fixed_ms``."""
