@@ -44,6 +44,7 @@ CALIBRATION_VARIANTS = 5
 # Pull of each per-kind factor toward the line's slope, weighted by the kind's share of the networks:
 # kinds that move together (adds with the convs of their stage) cannot then trade factors freely.
 PER_KIND_RIDGE = 0.05
+PER_KIND_MIN_PULL = 0.05
 # Smallest share of the dense layer latency a random plan aims at (keep fraction 0.15).
 MIN_LATENCY_SHARE = 0.0225
 # Spread of the per-group keep fraction around the plan's global one (lognormal sigma).
@@ -169,8 +170,8 @@ def fit_per_kind(kind_sums: Sequence[Mapping[str, float]], measured: Sequence[fl
     """Fit ``measured ~ sum_k f_k * kind_sum_k + c`` with every ``f_k >= 0`` (``scipy.optimize.lsq_linear``).
 
     Relative residuals, as :func:`fit_correction`; a ridge of weight ``ridge`` pulls each factor toward
-    ``prior`` (the line's slope) in proportion to the kind's median share of the networks, so kinds
-    that always move together keep sensible factors. ``c`` is free (it may be negative, as the line's).
+    ``prior`` (the line's slope) in proportion to the kind's median share of the networks (at least
+    :data:`PER_KIND_MIN_PULL`), so kinds that always move together, or hardly weigh, keep sensible factors. ``c`` is free (it may be negative, as the line's).
 
     Returns:
         ``{"factors": {kind: f}, "b": c, "n": networks, "prior": prior, "ridge": ridge}``.
@@ -187,7 +188,8 @@ def fit_per_kind(kind_sums: Sequence[Mapping[str, float]], measured: Sequence[fl
     x = np.array([[float(ks.get(k, 0.0)) for k in kinds] for ks in kind_sums], dtype=np.float64).reshape(len(y), -1)
     prior = float(prior) if prior and prior > 0 and math.isfinite(prior) else 1.0
     a = np.hstack([x, np.ones((len(y), 1))]) / y[:, None]
-    share = np.median(x / y[:, None], axis=0) if len(kinds) else np.zeros(0)
+    # at least PER_KIND_MIN_PULL: a kind with a tiny share would otherwise take any factor the noise suggests
+    share = np.maximum(np.median(x / y[:, None], axis=0), PER_KIND_MIN_PULL) if len(kinds) else np.zeros(0)
     pull = np.hstack([np.diag(np.sqrt(ridge) * share), np.zeros((len(kinds), 1))])
     lhs = np.vstack([a, pull])
     rhs = np.concatenate([np.ones(len(y)), np.sqrt(ridge) * share * prior])
