@@ -125,3 +125,22 @@ def test_profiling_an_old_table_adds_the_op_rows_and_rewrites_nothing(tmp_path):
     assert table.covers_ops and set(table.keys()) == set(full.keys())
     kept = table.frame.set_index("key").loc[layers["key"], "measured_at"]
     assert (kept.values == layers.set_index("key")["measured_at"].values).all()
+
+
+def test_a_table_with_other_op_kinds_says_what_to_profile_for_a_model_that_needs_more(tmp_path):
+    """Rows of adds and pools (profiled for a ResNet) do not price a model with Hardswish and GELU rows:
+    the miss names those rows and the one command that measures them, nothing is skipped."""
+    from test_op_kinds_plan import ActNet
+
+    store = TableStore(tmp_path)
+    store.write(DEV, rows(plan_of(ResidualNet()).configs()), PROV)
+    act = plan_of(ActNet())
+    store.write(DEV, rows(layer_configs(act)), PROV)  # every conv and linear, no act rows
+    table = store.read(DEV)
+    missing = table.missing(act.configs())
+    assert missing and {c.op for c in missing} == {"act"}
+    assert {c.act for c in missing} == {"hardswish", "relu6", "silu", "gelu", "sigmoid"}
+    s = settings.Setting(1, "fp32", "nchw", 8, 32, (3, 16, 16), default_shape=(3, 16, 16))
+    err = settings.missing_error(table, missing, "actnet", str(tmp_path), s)
+    assert f"fleetprune profile actnet --tables {tmp_path} --devices {DEV}" in str(err)
+    assert all(c.key in str(err) or "more" in str(err) for c in missing[:10])

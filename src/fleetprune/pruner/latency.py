@@ -16,6 +16,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Widths = Mapping[str, int]
+_warned: set[str] = set()
 
 
 def fixed_part(measured_dense_ms: float, modeled_dense_ms: float) -> float:
@@ -115,8 +116,9 @@ class LatencyModel:
         plan_ops = list(getattr(plan, "ops", ()) or ())
         self.ops_priced = bool(plan_ops) and (table_covers_ops(table, plan_ops) if ops is None else bool(ops))
         self.ops_note = "" if self.ops_priced or not plan_ops else ops_note(table, plan_ops)
-        if self.ops_note:
-            log.info("%s", self.ops_note)
+        if self.ops_note and self.ops_note not in _warned:
+            _warned.add(self.ops_note)  # once per table and kinds: settle builds several models of one table
+            log.warning("%s", self.ops_note)
         self.layers = list(plan.priced(self.ops_priced)) if hasattr(plan, "priced") else list(plan.layers)
         self._groups = {g.name: g for g in plan.groups}
         self._dense = dict(plan.dense_widths())
