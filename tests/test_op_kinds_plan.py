@@ -244,3 +244,24 @@ def test_the_knapsack_sees_an_ops_cost_in_its_group():
     weights_without, _ = without.option_weights(current, {g.name: list(g.choices)})
     assert weights[g.name] - weights_without[g.name] == pytest.approx(add_ms)
     assert add_ms[0] < add_ms[-1]
+
+
+@pytest.mark.parametrize("name, want", [
+    ("mobilenet_v3_small", {("se", "relu-hardsigmoid"), ("act", "hardswish"), ("add", "none"),
+                            ("adaptive_avgpool", "none")}),
+    ("efficientnet_b0", {("se", "silu-sigmoid"), ("act", "silu"), ("add", "none"), ("adaptive_avgpool", "none")}),
+    ("squeezenet1_1", {("maxpool_ceil", "none"), ("concat", "none"), ("adaptive_avgpool", "none")}),
+])
+def test_torchvision_models_plan_without_a_per_model_list(name, want):
+    """Unnamed models are the real test: every op of these is priced or absorbed from the graph alone."""
+    from fleetprune.models import create
+
+    plan = plan_of(create(name), hw=32)
+    assert set(kinds(plan)) == want
+    se = [op for op in plan.ops if op.base.op == "se"]
+    assert len(plan.absorbed) == 2 * len(se)
+    assert all(plan.layer(n).base.kh == 1 and plan.layer(n).base.in_h == 1 for n in plan.absorbed)
+    table = FakeTable(plan.configs())
+    lm = LatencyModel(plan, table)
+    assert lm.ops_priced and lm.dense_ms() > LatencyModel(plan, table, ops=False).dense_ms() - sum(
+        table.lookup(plan.layer(n).base) for n in plan.absorbed)
