@@ -661,8 +661,7 @@ class _OpPlanner:
         self.recipes: dict[Any, _Recipe | None] = {}
         self.ops: list[PlannedLayer] = []
         self.absorbed: list[str] = []
-        self.done: set[Any] = set()  # nodes whose cost an op row (or a layer row) already holds
-        self.fused_into: dict[Any, str] = {}
+        self.fused_into: dict[Any, str] = {}  # an add whose ReLU its row holds
 
     # -- helpers ------------------------------------------------------------------------------
     def kind(self, node: Any) -> str:
@@ -738,7 +737,7 @@ class _OpPlanner:
                     self.recipes[node] = _Recipe((), layer.base.cout)
                 return
             self.recipes[node] = through
-            if node in self.done or isinstance(m, _FREE_MODULES):
+            if isinstance(m, _FREE_MODULES):
                 return
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if first is not None and self._is_layer(first):
@@ -763,13 +762,11 @@ class _OpPlanner:
             return
         if name in _FREE_CALLS:
             self.recipes[node] = through if name in ("dropout", "stochastic_depth", "identity", "to", "type_as",
-                                                     "float", "detach", "contiguous") else None
+                                                     "float", "detach") else None
             if name == "getitem" and through is not None and shape == _tensor_shape(first):
                 self.recipes[node] = through
             return
         self.recipes[node] = through
-        if node in self.done:
-            return
         if name in _ADD_CALLS:
             self.add(node, inputs)
         elif name in _ACT_FUNCTIONS:
