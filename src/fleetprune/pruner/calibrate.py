@@ -306,7 +306,11 @@ def check_floor(budget: Budget, settled: Settled, model_name: str, device_key: s
 
 @dataclass
 class Round:
-    """One closed-loop round: the table-space target, what the model predicted, what was measured."""
+    """One closed-loop round: the table-space target, what the model predicted, what was measured.
+
+    ``measured_ms`` and ``dense_measured_ms`` are the fastest of every measurement of that network on
+    the device so far (interference only ever adds time, so more measurements can only sharpen them);
+    ``raw_ms`` / ``raw_dense_ms`` are this round's own, taken side by side."""
 
     round: int
     target_ms: float
@@ -316,6 +320,8 @@ class Round:
     share: float
     widths: dict[str, int]
     final: bool = False
+    raw_ms: float | None = None
+    raw_dense_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -362,6 +368,7 @@ class Verification:
     note: str = ""
     where: dict[str, Any] = field(default_factory=dict)
     window: tuple[float, float] = WINDOW
+    fastest: "_Fastest | None" = field(default=None, repr=False)
 
     @property
     def standing(self) -> Round | None:
@@ -389,22 +396,59 @@ class Verification:
                 self.rounds[self.chosen].round, "rounds": [r.to_dict() for r in self.rounds]}
 
 
+class _Fastest:
+    """The fastest measurement of each network (by width plan) on one device, across calls: each call
+    times its networks side by side, and a network measured again keeps its fastest figure."""
+
+    def __init__(self, dense: Mapping[str, int], dense_ms: float | None = None):
+        self.dense_key = _key(dense)
+        self.ms: dict[tuple, float] = {} if dense_ms is None else {self.dense_key: float(dense_ms)}
+
+    def add(self, widths: Mapping[str, int], ms: float) -> float:
+        key = _key(widths)
+        self.ms[key] = min(ms, self.ms.get(key, ms))
+        return self.ms[key]
+
+    def of(self, widths: Mapping[str, int]) -> float:
+        return self.ms[_key(widths)]
+
+    @property
+    def dense(self) -> float:
+        return self.ms[self.dense_key]
+
+    def rescore(self, rounds: Sequence[Round], budget: Budget) -> None:
+        """Every round's figures and share from the fastest measurements known now."""
+        for r in rounds:
+            r.measured_ms, r.dense_measured_ms = self.of(r.widths), self.dense
+            r.share = budget.share(r.measured_ms, r.dense_measured_ms)
+
+
+def _key(widths: Mapping[str, int]) -> tuple:
+    return tuple(sorted((k, int(v)) for k, v in widths.items()))
+
+
 Solve = Callable[[float], tuple[dict[str, int], float]]
 """``solve(target_ms) -> (widths, predicted_ms)``: what the knapsack settles on for a table-space target."""
 
 
 def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyModel, *, rounds: int = 4,
-               window: tuple[float, float] = WINDOW, goal: float = GOAL) -> Verification:
+               window: tuple[float, float] = WINDOW, goal: float = GOAL,
+               dense_measured_ms: float | None = None) -> Verification:
     """Measure what the knapsack chooses and correct its target until the budget holds on the device.
 
     Round 1 solves for the budget as the model sees it; each round measures the variant beside the
     dense model (a relative budget is checked as a ratio of the two) and, outside ``window``, moves
-    the table-space target: by the secant through the two tries nearest the goal (proportionally
-    when there is no usable slope), clamped to what the model can reach. A target that gives the
+    the table-space target (:func:`_next_target`: the secant inside a bracket of tries under and over
+    the goal, else through the two tries nearest it, else proportionally), clamped to what the model
+    can reach. A target that gives the
     widths of an earlier round again costs no measurement: the next target halves the bracket of
     tries below and above the goal instead (the widths move in steps, the target does not). It stops
     inside the window, when ``rounds`` measurements are spent, when the target cannot move (floor or
     dense) or when the bracket is narrower than the width steps can resolve.
+
+    Every share uses the fastest measurement of each network so far (``dense_measured_ms``: one taken
+    before, by :func:`settle`): one disturbed measurement of the dense model must not make a variant
+    look inside the window.
 
     Returns:
         The verification, with the chosen round's target as ``target_ms``: the round inside the
@@ -413,6 +457,7 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
     """
     lo, hi = model.min_latency(), model.dense_ms()
     dense = Network(model.full_widths())
+    fastest = _Fastest(dense.widths, dense_measured_ms)
     target = min(hi, max(lo, budget.of(hi)))
     done: list[Round] = []
     tries: list[tuple[float, float]] = []  # (target, share) of every solve, repeats included
@@ -431,9 +476,10 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
                 return Verification("predicted only", target, done, note=f"device lost during verification: {exc}",
                                     where=where, window=window)
             where = timing.where
-            dense_ms, ms = timing.ms
+            raw_dense, raw = timing.ms
+            dense_ms, ms = fastest.add(dense.widths, raw_dense), fastest.add(widths, raw)
             rec = Round(len(done) + 1, target, float(predicted), ms, dense_ms, budget.share(ms, dense_ms),
-                        dict(widths))
+                        dict(widths), raw_ms=raw, raw_dense_ms=raw_dense)
             done.append(rec)
             seen[key] = rec
             log.info("verify round %d: target %.4g ms, predicted %.4g ms, measured %.4g ms beside dense %.4g ms: %s",
@@ -455,25 +501,28 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
                     f"{window[0]:.2f}-{window[1]:.2f} of the budget")
             break
         target = nxt
+    fastest.rescore(done, budget)
     chosen = _choose(done, window)
     status = status_of(chosen.share, window)
     if status != "met" and not note:
         note = f"{len(done)} rounds were not enough to land within {window[0]:.2f}-{window[1]:.2f} of the budget"
     return Verification(status, chosen.target_ms, done, chosen=done.index(chosen),
-                        note=note if status != "met" else "", where=where, window=window)
+                        note=note if status != "met" else "", where=where, window=window, fastest=fastest)
 
 
 def _next_target(tries: Sequence[tuple[float, float]], goal: float, bisect: bool = False) -> float:
     """The next table-space target from the (target, share) tries: inside a bracket (tries below and
-    above the goal) the secant between the closest of each, or its midpoint with ``bisect``; outside
-    one, the secant through the two tries nearest the goal, or proportional to the last."""
+    above the goal) the secant between its ends, or its midpoint with ``bisect`` or when noise makes
+    the ends disagree; outside one, the secant through the two tries nearest the goal, or proportional
+    to the last."""
     t, share = tries[-1]
     proportional = t * goal / share
     below = [p for p in tries if p[1] < goal]
     above = [p for p in tries if p[1] >= goal]
     if below and above:
-        a = max(below, key=lambda p: (p[1], p[0]))  # the closest below: highest share, then highest target
-        b = min(above, key=lambda p: (p[1], p[0]))  # the closest above: lowest share, then lowest target
+        # the bracket's ends in target: the highest target measured under the goal, the lowest over it
+        a = max(below, key=lambda p: (p[0], p[1]))
+        b = min(above, key=lambda p: (p[0], p[1]))
         if bisect or b[0] <= a[0]:
             return 0.5 * (a[0] + b[0])
     elif len(tries) >= 2:
@@ -500,22 +549,24 @@ def _choose(done: Sequence[Round], window: tuple[float, float]) -> Round:
 def finish(verification: Verification, measure: Measure, budget: Budget, dense: Mapping[str, int],
            final: Network, predicted_ms: float) -> Verification:
     """Measure the final variant (after fine-tuning, with its own weights) beside the dense model once
-    more, and make that the verdict. A lost device keeps the rounds' verdict and says so."""
+    more, and make that the verdict (each network at its fastest measurement on the device so far). A
+    lost device keeps the rounds' verdict and says so."""
     try:
         timing = measure([Network(dense), final])
     except DeviceLostError as exc:
         verification.note = (verification.note + "; " if verification.note else "") + \
             f"the final variant was not measured: device lost ({exc})"
         return verification
-    dense_ms, ms = timing.ms
-    chosen = None if verification.chosen is None else verification.rounds[verification.chosen]
-    if chosen is not None and chosen.widths == dict(final.widths):
-        # the same network as the chosen round (no fine-tuning moved a width): both measurements are of
-        # it, so keep the fastest of each, as every measurement here keeps its fastest round
-        dense_ms, ms = min(dense_ms, chosen.dense_measured_ms), min(ms, chosen.measured_ms)
+    raw_dense, raw = timing.ms
+    # the same architecture measured before (no fine-tuning moved a width) keeps its fastest figure
+    fastest = verification.fastest or _Fastest(dense)
+    verification.fastest = fastest
+    dense_ms, ms = fastest.add(dense, raw_dense), fastest.add(final.widths, raw)
+    fastest.rescore([r for r in verification.rounds if not r.final], budget)
     n = len(verification.rounds) + 1
     verification.rounds.append(Round(n, verification.target_ms, float(predicted_ms), ms, dense_ms,
-                                     budget.share(ms, dense_ms), dict(final.widths), final=True))
+                                     budget.share(ms, dense_ms), dict(final.widths), final=True, raw_ms=raw,
+                                     raw_dense_ms=raw_dense))
     verification.where = timing.where or verification.where
     verification.status = status_of(verification.share, verification.window)
     if verification.status == "met":

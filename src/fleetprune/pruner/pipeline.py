@@ -87,7 +87,8 @@ def prune_for_device(
 
     checked = measure
     if measure is not None and verify_rounds > 0:
-        verification = close_loop(solve, checked, budget, lm, rounds=verify_rounds)
+        verification = close_loop(solve, checked, budget, lm, rounds=verify_rounds,
+                                  dense_measured_ms=settled.dense_measured_ms)
         if verification.status == PREDICTED_ONLY:  # the device went away mid-way: open loop from here
             checked = None
     else:
