@@ -315,9 +315,9 @@ def check_floor(budget: Budget, settled: Settled, model_name: str, device_key: s
 class Round:
     """One closed-loop round: the table-space target, what the model predicted, what was measured.
 
-    ``measured_ms`` and ``dense_measured_ms`` are the fastest of every measurement of that network on
-    the device so far (interference only ever adds time, so more measurements can only sharpen them);
-    ``raw_ms`` / ``raw_dense_ms`` are this round's own, taken side by side."""
+    ``measured_ms`` and ``dense_measured_ms`` are the pair the share is scored on: a call whose own
+    ratio agrees with the ratio of each network's fastest measurement so far (else those fastest
+    figures); ``raw_ms`` / ``raw_dense_ms`` are the round's last call, taken side by side."""
 
     round: int
     target_ms: float
@@ -424,24 +424,22 @@ class _Fastest:
         return self.ms[self.dense_key]
 
     def measure(self, measure: Measure, dense: Network, variant: Network) -> tuple[float, float, Timing]:
-        """Measure ``variant`` beside the dense model, again (at most :data:`CONFIRMS` times) while the
-        call's own ratio and the ratio of the fastest figures disagree by more than :data:`AGREE`;
-        returns the fastest figures of both, and the last call's timing."""
-        for attempt in range(1 + CONFIRMS):
+        """Measure ``variant`` beside the dense model; again (at most :data:`CONFIRMS` times) while the
+        call's own ratio and the ratio of the fastest figures so far disagree by more than :data:`AGREE`.
+
+        Returns the pair to score (the agreeing call's own pair: both networks timed equally often;
+        if no call agrees, the fastest figures of each) and the last call's timing.
+        """
+        for _ in range(1 + CONFIRMS):
             timing = measure([dense, variant])
             raw_dense, raw = timing.ms
             dense_ms, ms = self.add(dense.widths, raw_dense), self.add(variant.widths, raw)
             if abs((raw / raw_dense) / (ms / dense_ms) - 1) <= AGREE:
-                break
+                return raw_dense, raw, timing
             log.info("measured %.4g ms beside dense %.4g ms, the fastest so far %.4g beside %.4g: measuring again",
                      raw, raw_dense, ms, dense_ms)
         return dense_ms, ms, timing
 
-    def rescore(self, rounds: Sequence[Round], budget: Budget) -> None:
-        """Every round's figures and share from the fastest measurements known now."""
-        for r in rounds:
-            r.measured_ms, r.dense_measured_ms = self.of(r.widths), self.dense
-            r.share = budget.share(r.measured_ms, r.dense_measured_ms)
 
 
 def _key(widths: Mapping[str, int]) -> tuple:
@@ -467,9 +465,10 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
     inside the window, when ``rounds`` measurements are spent, when the target cannot move (floor or
     dense) or when the bracket is narrower than the width steps can resolve.
 
-    Every share uses the fastest measurement of each network so far (``dense_measured_ms``: one taken
-    before, by :func:`settle`): one disturbed measurement of the dense model must not make a variant
-    look inside the window.
+    A round is scored on a pair measured side by side whose ratio agrees with the ratio of each
+    network's fastest measurement so far (``dense_measured_ms``: one taken before, by :func:`settle`),
+    measuring again while they disagree: one disturbed measurement of the dense model must not make a
+    variant look inside the window, nor a call disturbed as a whole make it look outside.
 
     Returns:
         The verification, with the chosen round's target as ``target_ms``: the round inside the
@@ -521,7 +520,6 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
                     f"{window[0]:.2f}-{window[1]:.2f} of the budget")
             break
         target = nxt
-    fastest.rescore(done, budget)
     chosen = _choose(done, window)
     status = status_of(chosen.share, window)
     if status != "met" and not note:
@@ -581,7 +579,6 @@ def finish(verification: Verification, measure: Measure, budget: Budget, dense: 
             f"the final variant was not measured: device lost ({exc})"
         return verification
     raw_dense, raw = timing.ms
-    fastest.rescore([r for r in verification.rounds if not r.final], budget)
     n = len(verification.rounds) + 1
     verification.rounds.append(Round(n, verification.target_ms, float(predicted_ms), ms, dense_ms,
                                      budget.share(ms, dense_ms), dict(final.widths), final=True, raw_ms=raw,
