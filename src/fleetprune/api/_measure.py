@@ -28,6 +28,8 @@ from fleetprune.pruner.variant import VariantSpec, build_network
 log = logging.getLogger(__name__)
 
 RAY_ADDRESS_NONE = "none"
+MEASURE_ROUNDS = 5
+"""Interleaved rounds of every side-by-side measurement of ``prune`` (each network keeps its fastest)."""
 
 
 def create_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -80,7 +82,7 @@ def local_device(table: Any) -> Any:
     return next((dev for dev in candidates if dev.key == table.device_key), None)
 
 
-def local_measure(target: Target, device: Any, rounds: int = 3) -> Measure:
+def local_measure(target: Target, device: Any, rounds: int = MEASURE_ROUNDS) -> Measure:
     """Measure ``target``'s networks in this process on ``device`` (built here, timed side by side)."""
     from fleetprune.profiler import TorchTimingBackend
 
@@ -109,15 +111,17 @@ class Reach:
 
 @contextlib.contextmanager
 def measurers(targets: Sequence[Target], *, ray_address: str = RAY_ADDRESS_NONE, enabled: bool = True,
-              rounds: int = 3, on_measured: Callable[[str, Timing], None] | None = None) -> Iterator[Reach]:
+              rounds: int = MEASURE_ROUNDS, on_measured: Callable[[str, Timing], None] | None = None,
+              service: str | None = None) -> Iterator[Reach]:
     """How each device of the run is measured, for the duration of the block.
 
-    This machine's devices are measured in this process; the others, with a ``ray_address`` other
-    than ``none``, on the connected cluster's actors (started here, stopped on exit).
-    ``on_measured(device_key, timing)`` is called after every measurement.
+    This machine's devices are measured in this process; the others, with a ``service`` URL, by the
+    running profiling service (``fleetprune serve``) on a replica of their type, else with a
+    ``ray_address`` other than ``none`` on the connected cluster's actors (started here, stopped on
+    exit). ``on_measured(device_key, timing)`` is called after every measurement.
     """
     if on_measured is not None:
-        with measurers(targets, ray_address=ray_address, enabled=enabled, rounds=rounds) as reach:
+        with measurers(targets, ray_address=ray_address, enabled=enabled, rounds=rounds, service=service) as reach:
             for key, m in reach.measure.items():
                 if m is not None:
                     reach.measure[key] = _reporting(key, m, on_measured)
@@ -133,6 +137,11 @@ def measurers(targets: Sequence[Target], *, ray_address: str = RAY_ADDRESS_NONE,
         dev = None if t.fake else local_device(t.table)
         if dev is not None:
             found[t.device_key] = local_measure(t, dev, rounds)
+        elif service is not None:
+            if isinstance(t.factory, ModelFactory):
+                found[t.device_key] = _service_measure(service, t, rounds)
+            else:
+                why[t.device_key] = "a model outside the registry cannot be built by the service"
         elif ray_address == RAY_ADDRESS_NONE:
             why[t.device_key] = "not this machine, and no cluster to reach it (--ray-address none)"
         else:
@@ -161,6 +170,31 @@ def _reporting(key: str, measure: Measure, on_measured: Callable[[str, Timing], 
         return timing
 
     return wrapped
+
+
+def _service_measure(url: str, target: Target, rounds: int) -> Measure:
+    from fleetprune.api.serve import remote_measure_side_by_side
+
+    s = target.setting
+    size = None if s.default_shape is not None and s.default_shape[1:] == s.input_shape[1:] else list(s.input_shape[1:])
+
+    def measure(networks: Sequence[Network]) -> Timing:
+        from fleetprune.client import ServiceError
+        from fleetprune.errors import DeviceLostError
+
+        try:
+            ms, where = remote_measure_side_by_side(
+                url, target.device_key, model=target.model_name, widths=[dict(n.widths) for n in networks],
+                batch=s.batch, dtype=s.dtype, memory_format=s.memory_format, input_size=size,
+                num_classes=target.model_kwargs.get("num_classes"), round_to=s.round_to, max_choices=s.max_choices,
+                rounds=rounds)
+        except ServiceError as exc:
+            if exc.status and exc.status < 500:  # a refusal (bad token, bad request): the user must act
+                raise
+            raise DeviceLostError(f"the service at {url} could not measure on {target.device_key}: {exc}") from exc
+        return Timing(ms, where)
+
+    return measure
 
 
 def _remote_measure(fleet: Any, target: Target, rounds: int) -> Measure:
