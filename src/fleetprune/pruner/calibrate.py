@@ -472,8 +472,8 @@ def close_loop(solve: Solve, measure: Measure, budget: Budget, model: LatencyMod
 
     Returns:
         The verification, with the chosen round's target as ``target_ms``: the round inside the
-        window if any, else the best one under the budget, else the least over it. A device lost
-        mid-way gives ``predicted only`` at the last target, with the reason in ``note``.
+        window if any, else the one nearest it (:func:`_choose`). A device lost mid-way gives
+        ``predicted only`` at the last target, with the reason in ``note``.
     """
     hi = model.dense_ms()
     # the knapsack reaches down to the narrowest network for sure; below it only where the table is not
@@ -559,18 +559,26 @@ def _next_target(tries: Sequence[tuple[float, float]], goal: float, bisect: bool
     if b[0] == a[0] or (b[1] - a[1]) / (b[0] - a[0]) <= 0:
         return proportional
     slope = (b[1] - a[1]) / (b[0] - a[0])
+    # a secant much flatter than the proportional slope (two shares equal up to noise) would throw the
+    # target far off: share ~ target near the goal, so trust it only within a factor 4 of that slope
+    if slope < 0.25 * share / t:
+        return proportional
     return a[0] + (goal - a[1]) / slope
 
 
+OVER_WEIGHT = 2.0
+"""Outside the window, a share over the budget counts this many times its distance under it when the
+loop picks its round: over by 1% is worse than under by 1%, but far better than under by 40%."""
+
+
 def _choose(done: Sequence[Round], window: tuple[float, float]) -> Round:
-    """The round inside the window closest to the budget, else the best under it, else the least over."""
+    """The round inside the window closest to the budget, else the one nearest the window, a share over
+    the budget weighing :data:`OVER_WEIGHT` times a share under it."""
     inside = [r for r in done if window[0] <= r.share <= window[1]]
     if inside:
         return max(inside, key=lambda r: r.share)
-    under = [r for r in done if r.share < window[0]]
-    if under:
-        return max(under, key=lambda r: r.share)
-    return min(done, key=lambda r: r.share)
+    return min(done, key=lambda r: OVER_WEIGHT * (r.share - window[1]) if r.share > window[1]
+               else window[0] - r.share)
 
 
 def finish(verification: Verification, measure: Measure, budget: Budget, dense: Mapping[str, int],
