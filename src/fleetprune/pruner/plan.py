@@ -27,6 +27,11 @@ Rules decided here (method.md §3; docs/internals.md restates them):
 * Every conv is planned with ``act='relu'`` (conv + folded BN + activation as deployed); the few
   convs without a following ReLU (conv2 before the add, downsample) differ by one elementwise op.
   Linears get ``act='none'``.
+* Ops (``Plan.ops``, :func:`plan_ops`): everything else whose cost moves with the widths is a row of
+  its own, found in the model's torch.fx graph without any per-model list: residual adds (with the
+  ReLU after them), pools, activations no conv row holds, unabsorbed batch norms, squeeze-excitation
+  blocks (one row; their two 1x1 convs are ``Plan.absorbed``), channel concats. An op no row can
+  price raises ``ModelError`` naming it.
 """
 
 from __future__ import annotations
@@ -720,6 +725,7 @@ class _OpPlanner:
                 self.visit(node)
 
     def visit(self, node: Any) -> None:
+        """Record the channel recipe of ``node``'s output and add its op row if it costs anything."""
         shape = _tensor_shape(node)
         inputs = self.tensor_inputs(node)
         first = inputs[0] if inputs else None
@@ -808,6 +814,7 @@ class _OpPlanner:
                 and self.tensor_inputs(node) and self._is_layer(self.tensor_inputs(node)[0]))
 
     def activation(self, node: Any, act: str, first: Any, through: _Recipe | None) -> None:
+        """An ``act`` row, unless it is a ReLU that a conv row or the residual add before it holds."""
         if act == "relu" and first is not None:
             conv = first if self._is_layer(first) else None
             if conv is None and self._is_folded_bn(first):
@@ -841,6 +848,7 @@ class _OpPlanner:
         self.add_op(node, self.config("adaptive_avgpool", shape, node, kh=oh, kw=ow), through)
 
     def add(self, node: Any, inputs: list[Any]) -> None:
+        """A residual add row; a ReLU that is its only user is fused into it."""
         shape = _tensor_shape(node)
         if len(inputs) != 2 or shape is None or any(_tensor_shape(a) != shape for a in inputs):
             self.fail(node, "only the sum of two tensors of the same shape (a residual add) is priced")
@@ -858,6 +866,7 @@ class _OpPlanner:
         self.add_op(node, self.config("add", shape, node, act=act), rec)
 
     def concat(self, node: Any, inputs: list[Any], shape: tuple[int, ...] | None) -> None:
+        """A channel concat row; its recipe is the sum of its inputs'."""
         dim = _arg(node, 1, "dim", 0)
         if shape is None or len(shape) not in (2, 4) or int(dim) % len(shape) != 1:
             self.fail(node, "only a concat along the channel dim is priced")
@@ -927,6 +936,7 @@ class _OpPlanner:
         return _ACT_FUNCTIONS.get(name)
 
     def reshaped(self, first: Any, shape: tuple[int, ...] | None) -> _Recipe | None:
+        """The recipe after a flatten/view to ``(N, F)``: times H*W from a feature map, kept from ``(N, C, 1, 1)``."""
         rec, before = self.recipe(first), _tensor_shape(first)
         if rec is None or shape is None or before is None or len(shape) != 2:
             return None
