@@ -253,6 +253,27 @@ def test_the_cli_profiles_and_reads_tables_through_the_service(service, monkeypa
     assert "token" in capsys.readouterr().err
 
 
+def test_prune_verifies_a_device_through_the_service(service, tmp_path, monkeypatch):
+    """`prune --service URL`: a device that is not this machine is measured on the service's replica of
+    its type, the variant beside the dense model in one request (side by side). The fake service times
+    on this node's CPU, so only structure is asserted."""
+    from fleetprune.api import prune
+
+    info, root = service
+    monkeypatch.setenv("FLEETPRUNE_TOKEN", TOKEN)
+    client = ServiceClient(info.url, TOKEN)
+    job = client.submit({"model": "resnet20", "batch": 2, "devices": "FAKE_B", "dtype": "fp32"})
+    assert follow(client, job["id"], [])["state"] == "done"
+    [r] = prune("resnet20", tables=str(root), devices="fake_b", budget=0.95, steps=2, batch=2, dtype="fp32",
+                memory_format="nhwc", out=tmp_path / "v", service=info.url, verify_rounds=2)
+    v = r.report["verification"]
+    assert v["measured_on"]["via"] == f"service {info.url}" and v["measured_on"]["device_key"] == "fake_b"
+    assert v["rounds"] and v["rounds"][-1]["final"] and r.measured_ms == v["rounds"][-1]["measured_ms"] > 0
+    for rd in v["rounds"]:
+        assert rd["share"] == pytest.approx(rd["measured_ms"] / (0.95 * rd["dense_measured_ms"]))
+    assert r.verification in ("met", "over", "under")
+
+
 def test_a_replica_killed_mid_chunk_has_its_chunk_retried_on_another_of_its_type(service):
     info, root = service
     client = ServiceClient(info.url, TOKEN)

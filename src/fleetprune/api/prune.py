@@ -93,7 +93,7 @@ def prune(
     latency_fit: str = "two-point", protocol: Any = None, importance_kwargs: Mapping[str, Any] | None = None,
     on_device_done: Callable[[DeviceResult], None] | None = None, model_factory: Callable[[], nn.Module] | None = None,
     input_shape: Sequence[int] | None = None, verify_rounds: int = 4, ray_address: str = RAY_ADDRESS_NONE,
-    seed: int = 0, on_measured: Callable[[str, Any], None] | None = None,
+    seed: int = 0, on_measured: Callable[[str, Any], None] | None = None, service: str | None = None,
 ) -> list[DeviceResult]:
     """Prune ``model_name`` for every device in ``devices`` and write one variant folder per device.
 
@@ -120,6 +120,8 @@ def prune(
             reach the other devices' types on a Ray cluster.
         seed: seeds the random starting weights when no ``weights`` are given.
         on_measured: called as ``(device_key, timing)`` after each measurement on a device (progress, tests).
+        service: the URL of a running ``fleetprune serve``: devices other than this machine are measured
+            on its replicas (instead of ``ray_address``).
 
     Raises:
         FleetpruneError: (and subclasses) a bad budget, device, table, model or --out, before anything
@@ -176,7 +178,8 @@ def prune(
     results: dict[str, DeviceResult] = {}
     summary = variants.kept_summary(out, {t.device_key for t in targets})
     lock = threading.Lock()
-    with measurers(targets, ray_address=ray_address, enabled=measure, on_measured=on_measured) as reach:
+    with measurers(targets, ray_address=ray_address, enabled=measure, on_measured=on_measured,
+                   service=service) as reach:
         def settle(t: Target) -> Any:
             corr = calibrate.stored_correction(t.table, model_name, t.setting.correction_key())
             st = calibrate.settle(plans[t.setting], t.table, correction=corr, measure=reach.measure[t.device_key],

@@ -217,6 +217,17 @@ def remote_measure(url: str, device_key: str, *, model: str, widths: Mapping[str
     return float(answer["measured_ms"])
 
 
+def remote_measure_side_by_side(url: str, device_key: str, *, model: str, widths: list[Mapping[str, int]],
+                                token: str | None = None, **setting: Any) -> tuple[list[float], dict[str, Any]]:
+    """Several width plans of ``model`` measured in the same interleaved rounds on a replica of ``device_key``
+    (what a budget checked as a ratio needs); the latencies in order, and where they were taken."""
+    first, *rest = [dict(w) for w in widths]
+    answer = ServiceClient(url, token).measure(device_key, model, first, side_by_side=rest or None, **setting)
+    where = {"device_key": answer["device_key"], "node_id": answer.get("node_id"), "pid": answer.get("pid"),
+             "via": f"service {url}"}
+    return [float(answer["measured_ms"]), *map(float, answer.get("side_by_side_ms", []))], where
+
+
 def mirror_tables(url: str, root: str | None = None, devices: list[str] | None = None) -> str:
     """Download the service's tables (every device, or ``devices``) into a local root (default: a temp folder)."""
     client = ServiceClient(url)
@@ -228,4 +239,4 @@ def mirror_tables(url: str, root: str | None = None, devices: list[str] | None =
 
 
 __all__ = ["ServiceError", "build_network", "mirror_tables", "plan_job", "predict", "remote_measure",
-           "remote_profile", "resolve_token", "serve", "stop"]
+           "remote_measure_side_by_side", "remote_profile", "resolve_token", "serve", "stop"]

@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default="none", metavar="none|local|auto|HOST:PORT",
                    help="where devices other than this machine are measured: none (default: this machine only; "
                    "the others are pruned open-loop, 'predicted only'), or a Ray cluster with nodes of their types")
+    p.add_argument("--service", metavar="URL",
+                   help="a running `fleetprune serve`: devices other than this machine are measured on its replicas")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random starting weights when no --weights are given (default 0)")
     p.add_argument("--latency-fit", choices=["two-point", "offset"], default="two-point",
@@ -101,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
         rounds = sum(1 for x in v.get("rounds", []) if not x.get("final"))
         extra = f" ({rounds} round{'s' if rounds != 1 else ''})" if rounds else ""
         note = f"; {v['note']}" if v.get("note") and r.verification != "met" else ""
-        print(f"{r.device_key:<36} {_fmt(r.dense_ms):>12} {_fmt(r.budget_ms):>12} {_fmt(r.predicted_ms):>12} "
+        # measured on the device: the dense model beside the variant, and the budget taken of it
+        dense, budget = r.dense_ms, r.budget_ms
+        if v.get("dense_measured_ms") and r.report.get("budget_relative"):
+            dense, budget = v["dense_measured_ms"], v["dense_measured_ms"] * r.budget_ms / r.dense_ms
+        print(f"{r.device_key:<36} {_fmt(dense):>12} {_fmt(budget):>12} {_fmt(r.predicted_ms):>12} "
               f"{_fmt(r.measured_ms):>12}  {r.verdict}{extra}{note}", flush=True)
 
     results = prune(
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, solver=args.solver, batch=args.batch, dtype=args.dtype,
         memory_format=args.memory_format, round_to=args.round_to, max_choices=args.max_choices,
         overwrite=args.overwrite, verify_rounds=args.verify_rounds, ray_address=args.ray_address, seed=args.seed,
+        service=args.service,
         finetune=finetune, measure=not args.no_measure, latency_fit=args.latency_fit,
         importance_kwargs={"coupled_reduce": args.coupled_reduce} if args.coupled_reduce else None,
         protocol=quick_protocol() if args.quick else None, on_device_done=done,

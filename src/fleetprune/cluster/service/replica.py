@@ -65,6 +65,7 @@ class ProfilerReplica:
         """
         from fleetprune.errors import ProfileError
         from fleetprune.profiler import TimingProtocol, cpu_device, measure_model
+        from fleetprune.profiler.endtoend import measure_networks
 
         if self._build is None:
             raise ProfileError("this service was started without a network builder; it cannot measure networks")
@@ -76,10 +77,15 @@ class ProfilerReplica:
         on = device
         if self._spec.is_fake:
             on, protocol, dtype = cpu_device(self._threads or 1), TimingProtocol.quick(), "fp32"
-        m = measure_model(model, shape, on, dtype, memory_format, protocol=protocol, fold_bn=True,
-                          rounds=int(request.get("rounds", 3)))
+        rounds = int(request.get("rounds", 3))
         protocol = protocol or TimingProtocol()
-        return {
+        side = [self._build({**request, "widths": w}, self._kind)[0] for w in request.get("side_by_side") or []]
+        if side:  # every network prepared once and timed in the same interleaved rounds
+            found = measure_networks([model, *side], shape, on, dtype, memory_format, protocol, rounds=rounds)
+            m, extra = found[0], {"side_by_side_ms": [protocol.latency(x) for x in found[1:]]}
+        else:
+            m, extra = measure_model(model, shape, on, dtype, memory_format, protocol=protocol, rounds=rounds), {}
+        return {**extra,
             "device_key": device.key, "measured_ms": protocol.latency(m), "statistic": protocol.statistic,
             "min_ms": m.min_ms, "median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "n": m.n,
             "input_shape": list(shape), "dtype": dtype, "memory_format": memory_format,

@@ -67,8 +67,8 @@ _SETTING: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "threads": _POS_INT,
 }
 JOB_FIELDS = ("model", "configs", "devices", "input_size", *_SETTING)
-NETWORK_FIELDS = ("model", "device", "widths", "input_size", "batch", "dtype", "memory_format", "round_to",
-                  "num_classes", "max_choices", "quick", "rounds")
+NETWORK_FIELDS = ("model", "device", "widths", "side_by_side", "input_size", "batch", "dtype", "memory_format",
+                  "round_to", "num_classes", "max_choices", "quick", "rounds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,9 +237,14 @@ def parse_network(body: Any, what: str) -> dict[str, Any]:
     if not isinstance(model, str) or not model.strip():
         raise RequestError(f"{what} needs field 'model' (a model name)")
     widths = body.get("widths") or {}
-    if not isinstance(widths, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in widths.items()):
-        raise RequestError("field 'widths' must be an object of channel-group name -> kept width (a whole number >= 1)")
+    _check_width_plan(widths, "field 'widths'")
+    side = body.get("side_by_side")
+    if side is not None:
+        if not isinstance(side, list) or not 1 <= len(side) <= 8:
+            raise RequestError("field 'side_by_side' must be a list of 1 to 8 width plans, measured in the same "
+                               "interleaved rounds as 'widths'")
+        for i, plan in enumerate(side):
+            _check_width_plan(plan, f"field 'side_by_side'[{i}]")
     rounds = body.get("rounds", 3)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
         raise RequestError(f"field 'rounds' must be a whole number from 1 to 10, got {rounds!r}")
@@ -249,7 +254,15 @@ def parse_network(body: Any, what: str) -> dict[str, Any]:
                                                  "max_choices")}
     out.update(device=device, model=model.strip(), widths=dict(widths), input_size=input_size(body.get("input_size")),
                quick=bool(body.get("quick", False)), rounds=rounds)
+    if side is not None:
+        out["side_by_side"] = [dict(p or {}) for p in side]
     return out
+
+
+def _check_width_plan(widths: Any, what: str) -> None:
+    if not isinstance(widths, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in widths.items()):
+        raise RequestError(f"{what} must be an object of channel-group name -> kept width (a whole number >= 1)")
 
 
 __all__ = ["AuthError", "FINAL_STATES", "JobSpec", "NotFoundError", "QueueFullError", "RequestError", "STATES",
