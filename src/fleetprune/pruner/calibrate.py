@@ -408,20 +408,12 @@ class _Fastest:
     times its networks side by side, and a network measured again keeps its fastest figure."""
 
     def __init__(self, dense: Mapping[str, int], dense_ms: float | None = None):
-        self.dense_key = _key(dense)
-        self.ms: dict[tuple, float] = {} if dense_ms is None else {self.dense_key: float(dense_ms)}
+        self.ms: dict[tuple, float] = {} if dense_ms is None else {_key(dense): float(dense_ms)}
 
     def add(self, widths: Mapping[str, int], ms: float) -> float:
         key = _key(widths)
         self.ms[key] = min(ms, self.ms.get(key, ms))
         return self.ms[key]
-
-    def of(self, widths: Mapping[str, int]) -> float:
-        return self.ms[_key(widths)]
-
-    @property
-    def dense(self) -> float:
-        return self.ms[self.dense_key]
 
     def measure(self, measure: Measure, dense: Network, variant: Network) -> tuple[float, float, Timing]:
         """Measure ``variant`` beside the dense model; again (at most :data:`CONFIRMS` times) while the
