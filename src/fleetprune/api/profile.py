@@ -18,6 +18,7 @@ from typing import Sequence
 from fleetprune.cluster.devices import Fleet
 from fleetprune.cluster.spec import BackendSpec
 from fleetprune.cluster.summary import ProgressCallback, RunSummary
+from fleetprune.errors import FleetpruneError
 from fleetprune.tables.config import DTYPES, MEMORY_FORMATS, LayerConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def backend_from_text(text: str) -> BackendSpec | None:
     SECONDS of sleep per configuration; for tests and demos).
 
     Raises:
-        ValueError: any other text.
+        FleetpruneError: any other text.
     """
     kind, _, cost = text.partition(":")
     if kind == "torch" and not cost:
@@ -78,20 +79,20 @@ def backend_from_text(text: str) -> BackendSpec | None:
             return BackendSpec.fake(float(cost or 0.0))
         except ValueError:
             pass
-    raise ValueError(f"--backend must be torch or fake[:SECONDS], got {text!r}")
+    raise FleetpruneError(f"--backend must be torch or fake[:SECONDS], got {text!r}")
 
 
 def _check(batch: int, dtype: str | None, memory_format: str, round_to: int | None, threads: int | None) -> None:
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise FleetpruneError(f"batch must be >= 1, got {batch}")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise FleetpruneError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+        raise FleetpruneError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if round_to is not None and round_to < 1:
-        raise ValueError(f"round_to must be >= 1, got {round_to}")
+        raise FleetpruneError(f"round_to must be >= 1, got {round_to}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise FleetpruneError(f"threads must be >= 1, got {threads}")
 
 
 def profile(
@@ -155,7 +156,7 @@ def profile(
 
     _check(batch, dtype, memory_format, round_to, threads)
     if max_choices < 1:
-        raise ValueError(f"max_choices must be >= 1, got {max_choices}")
+        raise FleetpruneError(f"max_choices must be >= 1, got {max_choices}")
     started = time.perf_counter()
     plans: dict[str, list[LayerConfig]] = {}
 

@@ -82,10 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _backend(text: str) -> Any:
     from fleetprune.api.profile import backend_from_text
 
-    try:
-        return backend_from_text(text)
-    except ValueError as exc:
-        raise SystemExit(f"fleetprune profile: error: {exc}") from None
+    return backend_from_text(text)  # a bad text is a FleetpruneError: one line, exit 2
 
 
 class ProgressBars:

@@ -50,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
         url = stop(args.url, tables=args.tables, token=token)
         print(f"asked the service at {url} to stop")
         return 0
-    try:
-        backend = backend_from_text(args.backend)
-    except ValueError as exc:
-        raise SystemExit(f"fleetprune serve: error: {exc}") from None
+    backend = backend_from_text(args.backend)
     if token is None:
         print("warning: no token (FLEETPRUNE_TOKEN or --token-file): the service will refuse every write",
               file=sys.stderr)
