@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         for r in mine:
             r["fresh_fraction"] = best[r["folder"]] / best["dense"]
             r["fresh_share"] = r["fresh_fraction"] / r["budget"]
-    print(f"\n| model | setting | budget | rounds | prune wall s | in-run verdict | fresh: of dense | fresh: of budget |")
+    print("\n| model | setting | budget | rounds | prune wall s | in-run verdict | fresh: of dense | fresh: of budget |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         setting = f"b{r['batch']}" + (f" 3x{r['size']}x{r['size']}" if r["size"] else "")

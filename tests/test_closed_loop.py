@@ -14,7 +14,6 @@ import torch
 from fleetprune.errors import BudgetError, DeviceLostError
 from fleetprune.pruner.calibrate import (
     WINDOW,
-    Network,
     Settled,
     Timing,
     check_floor,

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "TRACING"]
+
+TRACING = threading.Lock()
+"""Held while torch.fx or TorchScript traces a module: fx patches ``nn.Module.__call__`` for the whole
+process while it traces, so a trace in another thread (``prune`` works on several devices at once)
+would see the patch. Every trace in fleetprune takes it."""
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, bool]:
@@ -34,7 +40,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
 
     net = (model if inplace else copy.deepcopy(model)).eval()
     try:
-        return fuse(net, inplace=True), True
+        with TRACING:
+            return fuse(net, inplace=True), True
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds for untraceable code
         log.warning("cannot fold the batch norms of %s (%s); using it as given", type(model).__name__, exc)
         return net, False

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from fleetprune import models
 from fleetprune.api._common import table_protocol
+from fleetprune.api._parallel import waiting
 from fleetprune.errors import DeviceError
 from fleetprune.pruner.calibrate import Measure, Network, Timing
 from fleetprune.pruner.setting import Setting
@@ -205,28 +205,7 @@ def _remote_measure(fleet: Any, target: Target, rounds: int) -> Measure:
                                   s.memory_format, rounds)
         return Timing(ms, where)
 
-    return measure
-
-
-def for_each_device(targets: Sequence[Target], fn: Callable[[Target], Any], remote: set[str]) -> dict[str, Any]:
-    """``fn`` of every target: those measured on the cluster side by side in threads, then this machine's
-    one after another (nothing else runs here while it times). The first error is raised after all ran."""
-    out: dict[str, Any] = {}
-    errors: list[BaseException] = []
-    side = [t for t in targets if t.device_key in remote]
-    with ThreadPoolExecutor(max_workers=max(1, len(side))) as pool:
-        futures = {t.device_key: pool.submit(fn, t) for t in side}
-        for key, fut in futures.items():
-            try:
-                out[key] = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, once every device ran
-                errors.append(exc)
-    for t in targets:
-        if t.device_key not in remote and not errors:
-            out[t.device_key] = fn(t)
-    if errors:
-        raise errors[0]
-    return out
+    return waiting(measure)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from torch import nn
 
 from fleetprune import models
 from fleetprune.api._common import sample_shape
-from fleetprune.api._measure import RAY_ADDRESS_NONE, ModelFactory, Target, create_model, for_each_device, measurers
+from fleetprune.api._measure import RAY_ADDRESS_NONE, ModelFactory, Target, create_model, measurers
+from fleetprune.api._parallel import for_each_device
 from fleetprune.errors import BudgetError, DeviceError, FleetpruneError, TableError
 from fleetprune.pruner import calibrate, setting as settings
 from fleetprune.pruner import variant as variants

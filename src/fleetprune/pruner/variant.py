@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fleetprune.deploy import TRACING
 from fleetprune.errors import FleetpruneError, ModelError, ReportError
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def write_variant(
         # Traced in fp32 at batch 1: a ScriptModule converts with .to(dtype), and a trace of plain
         # convs does not depend on the batch size.
         x = example_input(input_shape, 1, memory_format)
-        with torch.no_grad(), warnings.catch_warnings():
+        with TRACING, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 marks jit.trace deprecated
             traced = torch.jit.trace((deploy_model or model).cpu().eval(), x, check_trace=False)
         traced.save(str(tmp / TORCHSCRIPT_FILE))
