@@ -217,3 +217,14 @@ def test_input_size_classes_and_choices_profile_what_prune_will_ask_for(tmp_path
     assert main(["profile", "resnet18", "--ray-address", "none", "--backend", "fake", "--input-size", "48x",
                  "--tables", root]) == 2
     assert "--input-size must be H or HxW" in capsys.readouterr().err
+
+
+def test_timing_cache_cold_is_recorded_in_the_tables_protocol(tmp_path, capsys):
+    from fleetprune.tables import TableStore
+
+    root = str(tmp_path / "tables")
+    assert main(["profile", "resnet20", "--quick", "--timing-cache", "cold", "--ray-address", "none", "--threads", "1",
+                 "--max-choices", "2", "--round-to", "32", "--tables", root]) == 0
+    store = TableStore(root)
+    [device] = store.devices()
+    assert store.read(device.device_key).provenance["timing_protocol"]["cache"] == "cold"

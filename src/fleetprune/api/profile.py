@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from dataclasses import replace
 from typing import Sequence
 
 from fleetprune.cluster.devices import Fleet
@@ -110,6 +111,7 @@ def profile(
     ray_address: str = DEFAULT_ADDRESS,
     threads: int | None = None,
     quick: bool = False,
+    timing_cache: str = "warm",
     protocol: object | None = None,
     backend: BackendSpec | None = None,
     chunk_size: int | None = None,
@@ -136,7 +138,8 @@ def profile(
         ray_address: ``local`` (embedded Ray, default), ``auto``, ``HOST:PORT`` or ``none`` (no Ray).
         threads: threads each CPU is measured with (default: all of a node's CPUs).
         quick: use the profiler's quick timing protocol (rough numbers, for smoke runs).
-        protocol: a :class:`~fleetprune.profiler.TimingProtocol` (overrides ``quick``).
+        timing_cache: ``warm`` or ``cold`` (weights and input out of cache, see ``TimingProtocol.cache``).
+        protocol: a :class:`~fleetprune.profiler.TimingProtocol` (overrides ``quick`` and ``timing_cache``).
         backend: what to time with (default: the real torch backend with that protocol).
         chunk_size: configurations per chunk and part file (default: automatic).
         max_retries: how often the chunk of a dead actor is handed to another actor.
@@ -172,10 +175,10 @@ def profile(
     store = TableStore(tables)
     configs_for("cpu")
     if backend is None:
-        if protocol is None and quick:
+        if protocol is None and (quick or timing_cache != "warm"):
             from fleetprune.profiler import TimingProtocol
 
-            protocol = TimingProtocol.quick()
+            protocol = replace(TimingProtocol.quick() if quick else TimingProtocol(), cache=timing_cache)
         backend = BackendSpec.torch(protocol)  # type: ignore[arg-type]
     if dtype == "fp16" and ray_address.strip().lower() in ("none", "local"):
         _refuse_fp16_here(configs_for, devices, threads, backend)

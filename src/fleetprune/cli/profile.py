@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_service_option(p, "submit the job and follow it")
     p.add_argument("--quick", action="store_true", help="quick, rough timing protocol (smoke runs, not real tables)")
+    p.add_argument("--timing-cache", choices=["warm", "cold"], default="warm",
+                   help="time each layer with its weights and input in cache (warm, default) or out of it (cold)")
     p.add_argument("--chunk-size", type=positive_int, metavar="N",
                    help="configurations per chunk; each chunk is one part file (default: automatic)")
     # For tests and demos: time nothing, make latencies up (tables are marked fake). fake[:SECONDS].
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
                 round_to=args.round_to, input_size=input_size(args.input_size), num_classes=args.num_classes,
                 max_choices=args.max_choices, tables=args.tables, devices=args.devices,
-                ray_address=args.ray_address, threads=args.threads, quick=args.quick,
+                ray_address=args.ray_address, threads=args.threads, quick=args.quick, timing_cache=args.timing_cache,
                 backend=_backend(args.backend), chunk_size=args.chunk_size, progress=bars,
             )
     except Terminated:
