@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fleetprune.errors import TableError
+from fleetprune.tables.config import OPS  # noqa: F401 - re-exported: what `tables show --op` accepts
 
 if TYPE_CHECKING:  # pandas and pyarrow load with the store, not with `fleetprune --help`
     import pandas as pd

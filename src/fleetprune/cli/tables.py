@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     ls = sub.add_parser("ls", parents=[root], help="list the devices with their row counts and provenance")
+    from fleetprune.api.tables import OPS
     from fleetprune.cli.serve import add_service_option, tables_through_service
 
     add_service_option(ls, "read the tables")
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     show = sub.add_parser("show", parents=[root], help="print the rows of one device")
     show.add_argument("device", metavar="DEVICE", help="device key (see `fleetprune tables ls`)")
-    show.add_argument("--op", choices=("conv", "dwconv", "linear"))
+    show.add_argument("--op", choices=OPS)
     show.add_argument("--batch", type=int)
     show.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
     show.add_argument("--memory-format", choices=("nchw", "nhwc"))
