@@ -181,7 +181,7 @@ def _read_json(path: Path, what: str) -> Any:
     except FileNotFoundError as exc:
         raise ReportError(f"{path.parent} is not a variant folder: {what} {path.name} is missing") from exc
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); re-run fleetprune prune") from exc
+        raise ReportError(f"{path} is not valid JSON ({exc}); rerun `fleetprune prune` for this device") from exc
 
 
 def read_widths(folder: str | os.PathLike) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def load_variant(path: str | os.PathLike, factory: Callable[[str, Mapping[str, A
         spec = VariantSpec(meta["model"], dict(meta.get("model_kwargs") or {}), tuple(meta["input_shape"]),
                            meta["plan"], {k: int(v) for k, v in meta["widths"].items()})
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ReportError(f"{folder / WIDTHS_FILE} lacks {exc}; re-run fleetprune prune") from exc
+        raise ReportError(f"{folder / WIDTHS_FILE} lacks {exc}; rerun `fleetprune prune` for this device") from exc
     try:
         spec.state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:

@@ -1,8 +1,8 @@
 """Readers of the folders a report is made from: a variants folder or a table root.
 
-Every format the report reads (``summary.json``, ``<device>/report.json``, ``widths.json``, the
-table store and ``validation.parquet``) is parsed here and nowhere else, so a change in one of
-those formats is mended in this one module.
+A variant folder is read through its owner, :mod:`fleetprune.pruner.variant` (``widths.json``,
+``report.json``, with the keys docs/internals.md lists); a table root through ``TableStore`` and
+``validation.parquet``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from fleetprune.errors import FleetpruneError, ReportError
+from fleetprune.pruner.variant import read_report, read_widths
 from fleetprune.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -122,99 +123,36 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"cannot read {path}: {exc}; rerun `fleetprune prune` for this device") from exc
 
 
-def _first(mapping: dict[str, Any], *names: str) -> Any:
-    """The value of the first of ``names`` present in ``mapping`` (formats may name fields differently)."""
-    for name in names:
-        if name in mapping and mapping[name] is not None:
-            return mapping[name]
-    return None
-
-
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
 def _summary_devices(summary: Any, path: Path) -> list[str]:
-    # summary.json "lists the devices": accept a bare list, {"devices": [...]}, {"devices": {key: ...}},
-    # or a list of records with "device_key".
-    devices = summary.get("devices", summary.get("variants")) if isinstance(summary, dict) else summary
-    if isinstance(devices, dict):
-        devices = list(devices)
-    if not isinstance(devices, list):
-        raise ReportError(f"{path} does not list the devices; rerun `fleetprune prune`")
-    keys = [d if isinstance(d, str) else d.get("device_key") for d in devices]
+    """The device keys ``summary.json`` lists (``{"devices": [{"device_key": ...}, ...]}``)."""
+    devices = summary.get("devices") if isinstance(summary, dict) else None
+    keys = [d.get("device_key") for d in devices if isinstance(d, dict)] if isinstance(devices, list) else []
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise ReportError(f"{path} lists no devices; rerun `fleetprune prune`")
     return keys
 
 
-def _widths(raw: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """Kept and dense widths from ``{group: int}`` or ``{group: {"kept"|"width": n, "dense": m}}``."""
-    kept: dict[str, int] = {}
-    dense: dict[str, int] = {}
-    for group, value in (raw or {}).items():
-        if isinstance(value, dict):
-            kept[group] = int(_first(value, "kept", "width", "pruned"))
-            if _first(value, "dense", "dense_width", "original") is not None:
-                dense[group] = int(_first(value, "dense", "dense_width", "original"))
-        else:
-            kept[group] = int(value)
-    return kept, dense
-
-
 def _plan_widths(plan: Any) -> dict[str, int]:
-    """Dense widths from the plan stored in ``widths.json`` (its groups' ``name`` and ``width``)."""
-    if isinstance(plan, str):  # Plan.to_json() is a string; Plan.to_dict() a dict
-        try:
-            plan = json.loads(plan)
-        except json.JSONDecodeError:
-            return {}
+    """Dense widths from the plan stored in ``widths.json`` (``Plan.to_dict()``: its groups' name and width)."""
     groups = plan.get("groups") if isinstance(plan, dict) else None
-    if isinstance(groups, dict):
-        groups = [dict(g, name=name) for name, g in groups.items() if isinstance(g, dict)]
-    out = {}
-    for g in groups or []:
-        if isinstance(g, dict) and g.get("name") is not None and g.get("width") is not None:
-            out[str(g["name"])] = int(g["width"])
-    return out
+    return {str(g["name"]): int(g["width"]) for g in groups or []
+            if isinstance(g, dict) and g.get("name") is not None and g.get("width") is not None}
 
 
-def _steps(report: dict[str, Any]) -> list[Step]:
-    raw = _first(report, "steps", "schedule")
-    if isinstance(raw, dict):  # parallel lists: {"target_ms": [...], "predicted_ms": [...]}
-        n = max(len(v) for v in raw.values() if isinstance(v, list))
-        raw = [{k: v[i] if isinstance(v, list) and i < len(v) else None for k, v in raw.items()} for i in range(n)]
-    steps = []
-    for i, s in enumerate(raw or [], start=1):
-        steps.append(
-            Step(
-                step=int(_first(s, "step", "index") or i),
-                target_ms=_float(_first(s, "target_ms", "budget_ms", "target")),
-                predicted_ms=_float(_first(s, "predicted_ms", "predicted")),
-                measured_ms=_float(_first(s, "measured_ms", "measured")),
-            )
-        )
-    return steps
-
-
-def _rounds(verification: Any) -> list[Step]:
-    """The closed-loop rounds of ``report.json``'s ``verification`` (the final measurement last)."""
-    if not isinstance(verification, dict):
-        return []
-    return [Step(step=i, target_ms=_float(r.get("target_ms")), predicted_ms=_float(r.get("predicted_ms")),
-                 measured_ms=_float(r.get("measured_ms")))
-            for i, r in enumerate(verification.get("rounds") or [], start=1) if isinstance(r, dict)]
-
-
-def _measured(report: dict[str, Any]) -> float | None:
-    value = _first(report, "measured_ms", "measured")
-    if isinstance(value, dict):  # a Measurement record
-        value = _first(value, "median_ms", "median")
-    return _float(value)
+def _steps(rows: Any) -> list[Step]:
+    """``report.json``'s ``steps``, or its closed-loop ``verification.rounds`` (numbered from 1)."""
+    return [Step(step=int(r.get("step") or i), target_ms=_float(r.get("target_ms")),
+                 predicted_ms=_float(r.get("predicted_ms")), measured_ms=_float(r.get("measured_ms")))
+            for i, r in enumerate(rows or [], start=1) if isinstance(r, dict)]
 
 
 def load_variants(root: Path, devices: list[str] | None = None) -> VariantsFolder:
-    """Read a variants folder; a device listed in ``summary.json`` without its files raises ReportError."""
+    """Read a variants folder (through :mod:`fleetprune.pruner.variant`, the folder's owner); a device
+    listed in ``summary.json`` without its files raises ReportError."""
     keys = _summary_devices(_read_json(root / SUMMARY), root / SUMMARY)
     keys = _select(keys, devices, root)
     variants = []
@@ -226,31 +164,26 @@ def load_variants(root: Path, devices: list[str] | None = None) -> VariantsFolde
                 f"variant of device {key!r} is incomplete: {', '.join(str(folder / f) for f in missing)} "
                 f"missing; rerun `fleetprune prune` for that device or drop it with --devices"
             )
-        widths_doc = _read_json(folder / "widths.json")
-        report = _read_json(folder / "report.json")
-        kept, dense = _widths(_first(widths_doc, "widths", "groups") or _first(report, "widths", "groups"))
-        dense = (
-            dense
-            or _widths(_first(report, "dense_widths") or _first(widths_doc, "dense_widths"))[0]
-            or _plan_widths(widths_doc.get("plan"))
-        )
+        widths_doc, report = read_widths(folder), read_report(folder)
+        verification = report.get("verification") or {}
         variants.append(
             Variant(
                 device_key=key,
-                widths=kept,
-                dense_widths=dense,
-                budget_ms=_float(_first(report, "budget_ms", "budget")),
-                dense_ms=_float(_first(report, "dense_ms", "dense_predicted_ms")),
-                predicted_ms=_float(_first(report, "predicted_ms", "final_predicted_ms", "predicted")),
-                measured_ms=_measured(report),
-                solver_time_s=_float(_first(report, "solver_time_s", "solver_s", "solve_time_s")),
-                steps=_steps(report),
-                model=_first(widths_doc, "model", "model_name"),
-                dense_measured_ms=_float(_first(report, "dense_measured_ms")),
-                fixed_source=_first(report, "fixed_source"),
-                rounds=_rounds(report.get("verification")),
-                verdict=(report.get("verification") or {}).get("verdict"),
-                verify_note=(report.get("verification") or {}).get("note") or None,
+                widths={g: int(w) for g, w in (widths_doc.get("widths") or report.get("widths") or {}).items()},
+                dense_widths={g: int(w) for g, w in (report.get("dense_widths") or {}).items()}
+                or _plan_widths(widths_doc.get("plan")),
+                budget_ms=_float(report.get("budget_ms")),
+                dense_ms=_float(report.get("dense_ms")),
+                predicted_ms=_float(report.get("predicted_ms")),
+                measured_ms=_float(report.get("measured_ms")),
+                solver_time_s=_float(report.get("solver_time_s")),
+                steps=_steps(report.get("steps")),
+                model=widths_doc.get("model"),
+                dense_measured_ms=_float(report.get("dense_measured_ms")),
+                fixed_source=report.get("fixed_source"),
+                rounds=_steps(verification.get("rounds")),
+                verdict=verification.get("verdict"),
+                verify_note=verification.get("note") or None,
             )
         )
     log.info("read %d variants from %s", len(variants), root)
