@@ -13,6 +13,18 @@ dense, the fraction it was calibrated to, predicted latency, parameters, MACs.
     python benchmarks/cifar_accuracy.py --quick --dry-run        # print the plan and time estimate only
     python benchmarks/cifar_accuracy.py --model resnet20 --subset 512 --test 1000 --dense-epochs 1 \\
         --steps 2 --finetune-epochs 2 --threads 1 --batch 16 --cache /tmp/fp-cifar-smoke  # smoke run
+    python benchmarks/cifar_accuracy.py --gpu --model resnet56 --dense-weights r56.pt \\
+        --tables T --csv out.csv --json out.json --stop-at $((SECONDS_SINCE_EPOCH + 300))  # on a GPU
+
+The GPU preset (``--gpu``; what ``scripts/gpu_accuracy.sh`` runs): the table, every latency and the
+closed loop on the CUDA device (batch 256, bf16, nhwc), training and fine-tuning there too on the
+device-resident data pipeline (``TrainConfig(data_on_device=True, channels_last=True,
+amp="bf16")``). GPU latencies of a network repeat between rounds, so instead of the CPU's
+calibration rounds in fresh processes each variant comes from ``prune``'s own closed loop (the
+variant measured beside the dense model, re-solved until within 0.95-1.00 of the budget), and the
+final side-by-side measurement runs in this process. ``--stop-at`` skips variants that would not
+finish in time; ``--csv`` and ``--json`` are rewritten after every variant, so a run that is killed
+still leaves its figures.
 
 Choices made here (printed in the header of every run):
 
@@ -99,7 +111,13 @@ PRESETS = {
                  final_share=0.5, batch=64),
     "quick": dict(model="resnet20", subset=10000, test=None, dense_epochs=5, steps=4, finetune_epochs=1.5,
                   final_share=0.5, batch=64),
+    # On one CUDA GPU: every latency and the closed loop there, training on the device pipeline.
+    "gpu": dict(model="resnet20", subset=None, test=None, dense_epochs=30, steps=4, finetune_epochs=2,
+                final_share=0.5, batch=256, device="cuda", dtype="bf16", amp="bf16", calibrate=0,
+                final_processes=1, final_rounds=3),
 }
+# What the presets leave unset (kept out of PRESETS so the CPU presets read as before).
+DEFAULTS = dict(device="cpu", dtype="fp32", amp="none", calibrate=4, final_processes=3, final_rounds=4)
 
 # Seconds per training iteration (batch 128, forward + backward) on 2 threads of the dev machine:
 # ResNet-20 0.47 s measured on 2026-11-28 (DESIGN.md's 0.26 was not reproduced); the deeper nets
@@ -112,6 +130,39 @@ SEC_PER_MEASURE = 0.35  # one network, one round, default protocol (0.2 s of cal
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def write_csv(path: Path, model: str, seed: int, dense: dict, rows: list[dict]) -> None:
+    """One line per network (the dense model first): model, method, budget, seed, top-1, measured
+    latency and fraction of dense, plus what explains them. Written whole, atomically; lines of other
+    models already in the file are kept."""
+    import csv
+
+    fields = ["model", "method", "budget", "target_fraction", "seed", "top1", "measured_ms", "dense_ms",
+              "fraction_of_dense", "measured_how", "verification", "params", "macs", "finetune_iters", "error"]
+    lines = [{"model": model, "method": "dense", "budget": 1.0, "target_fraction": 1.0, "seed": seed,
+              "top1": dense.get("top1"), "measured_ms": dense.get("ms"), "dense_ms": dense.get("ms"),
+              "fraction_of_dense": 1.0, "measured_how": dense.get("how", ""), "params": dense.get("params"),
+              "macs": dense.get("macs")}]
+    for r in rows:
+        lines.append({"model": model, "method": r["method"] + ("@uniform" if r.get("at_uniform") else ""),
+                      "budget": r["budget"], "target_fraction": r.get("target_fraction"), "seed": seed,
+                      "top1": r.get("top1"), "measured_ms": r.get("measured_ms"), "dense_ms": r.get("dense_ms"),
+                      "fraction_of_dense": r.get("measured_fraction"), "measured_how": r.get("measured_how", ""),
+                      "verification": r.get("verification", ""), "params": r.get("params"),
+                      "macs": r.get("macs"), "finetune_iters": r.get("finetune_iters"),
+                      "error": (r.get("error") or "").splitlines()[0][:200] if r.get("error") else ""})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.is_file():  # one file for several models (scripts/gpu_accuracy.sh): keep the others' lines
+        with open(path, newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if r.get("model") != model]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(kept + lines)
+    os.replace(tmp, path)
 
 
 def _git_commit() -> str:
@@ -255,6 +306,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets (options left out): " + json.dumps(PRESETS))
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU preset: CUDA device, batch 256 bf16 nhwc, prune's closed loop instead of "
+                        "calibration, training on the device pipeline (see the docstring)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the table, latencies and training run "
+                   "(default cpu; --gpu: cuda)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the table and of every latency (default fp32; --gpu: bf16)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="autocast of dense training and fine-tuning (default none; --gpu: bf16)")
+    p.add_argument("--tables", metavar="ROOT", help="table root (default CACHE/tables); e.g. the one "
+                   "`fleetprune profile` just wrote with the same batch, dtype, memory format and round-to")
+    p.add_argument("--dense-weights", metavar="CKPT",
+                   help="the dense model's state_dict (e.g. from `fleetprune train`) instead of training one")
+    p.add_argument("--closed-loop", action=argparse.BooleanOptionalAction,
+                   help="each variant from prune's closed loop on this device, the final measurement in this process "
+                        "(default on cuda; the CPU presets calibrate in fresh processes instead)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="train and fine-tune in NHWC (default on cuda)")
+    p.add_argument("--verify-rounds", type=int, default=4,
+                   help="closed-loop rounds of prune where it measures (--gpu; default 4)")
+    p.add_argument("--csv", metavar="OUT", help="one line per network, rewritten after every variant")
+    p.add_argument("--stop-at", type=float, metavar="UNIX_TIME",
+                   help="skip the variants (and the final re-measurement) that would end after this time")
     p.add_argument("--quick", action="store_true",
                    help="ResNet-20, 10000 train images, 5 dense epochs, 4 steps, 1.5 fine-tune epochs per variant: "
                         "< 20 min on a quiet 2-core CPU including profiling")
@@ -291,14 +365,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing", choices=["default", "quick"], default="default",
                    help="timing protocol of the table and measurements; quick is for smoke runs only and uses "
                         "its own table root")
-    p.add_argument("--calibrate", type=int, default=4,
+    p.add_argument("--calibrate", type=int,
                    help="calibration rounds per (method, budget): prune without fine-tuning, measure beside the dense "
                         "model in a fresh process, correct the rows budget (default 4; 0 trusts the latency model)")
     p.add_argument("--calibrate-rounds", type=int, default=4,
                    help="interleaved measuring rounds per calibration round (one fresh process; default 4)")
-    p.add_argument("--final-rounds", type=int, default=4,
+    p.add_argument("--final-rounds", type=int,
                    help="interleaved rounds per process of the final side-by-side measurement (default 4)")
-    p.add_argument("--final-processes", type=int, default=3,
+    p.add_argument("--final-processes", type=int,
                    help="fresh processes of the final measurement, one after another; best kept (default 3)")
     p.add_argument("--latency-tol", type=float, default=0.03,
                    help="calibration stops within this of the target fraction; SP-LAMP counts as at equal latency "
@@ -310,10 +384,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     p.add_argument("--verbose", action="store_true", help="log the pruner's and trainer's steps")
     args = p.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
+    if args.gpu and args.quick:
+        p.error("--gpu and --quick are two presets: choose one")
+    preset = {**DEFAULTS, **PRESETS["gpu" if args.gpu else "quick" if args.quick else "full"]}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.closed_loop is None:
+        args.closed_loop = args.device == "cuda"
+    if args.channels_last is None:
+        args.channels_last = args.device == "cuda"
+    if args.closed_loop:
+        args.calibrate = 0  # prune's closed loop measures each variant on the device instead
     return args
 
 
@@ -332,7 +414,8 @@ def main(argv=None) -> int:
     from fleetprune.api.profile import plan_configs, profile
     from fleetprune.errors import FleetpruneError
     from fleetprune.cluster.local import usable_cpus
-    from fleetprune.profiler import TimingProtocol, cpu_device, measure_model, tune_allocator
+    from fleetprune.profiler import TimingProtocol, cpu_device, cuda_device, measure_model, tune_allocator
+    from fleetprune.profiler.endtoend import measure_networks
     from fleetprune.pruner.export import shrink_to_widths
     from fleetprune.pruner.latency import LatencyModel
     from fleetprune.pruner.plan import build_plan
@@ -356,20 +439,36 @@ def main(argv=None) -> int:
 
     cache = Path(args.cache).resolve()
     data_path = Path(args.data) if args.data else default_cifar_path(REPO)
-    device = cpu_device(args.timing_threads)
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        print("error: --device cuda (--gpu) needs a CUDA GPU and a CUDA build of torch; use the CPU presets here",
+              file=sys.stderr)
+        return 2
+    if args.dtype == "fp16" and not on_gpu:
+        print("error: --dtype fp16 is for CUDA devices; use fp32 or bf16 on a CPU", file=sys.stderr)
+        return 2
+    device = cuda_device(0) if on_gpu else cpu_device(args.timing_threads)
+    train_dev = torch.device("cuda" if on_gpu else "cpu")
+    amp = None if args.amp == "none" else args.amp
+    # On the GPU: the images live there, and training runs in NHWC under autocast (TrainConfig's GPU settings).
+    closed = args.closed_loop
+    gpu_train = {k: v for k, v in dict(device="cuda" if on_gpu else None, data_on_device=on_gpu,
+                                       channels_last=args.channels_last, amp=amp).items() if v}
     protocol = TimingProtocol() if args.timing == "default" else TimingProtocol.quick()
-    tables_root = cache / ("tables" if args.timing == "default" else "tables-quick-timing")
+    tables_root = Path(args.tables).resolve() if args.tables else \
+        cache / ("tables" if args.timing == "default" else "tables-quick-timing")
     shape = tuple(models.input_shape(args.model))
+    stop_at = args.stop_at or float("inf")
 
     def floor(dense_model, table) -> dict:
         """The dense and the narrowest network measured here, their layer sums, and the latency line
         ``a * layer_sum + b`` through them (prune's two-point model; the offset where they give none)."""
         def e2e(net) -> float:
-            return protocol.latency(measure_model(net, (args.batch, *shape), device, "fp32", args.memory_format,
-                                                  protocol, fold_bn=True))
+            return protocol.latency(measure_model(net, (args.batch, *shape), device, args.dtype,
+                                                  args.memory_format, protocol, fold_bn=True))
 
         x = example_input(shape, args.batch, "nchw")
-        plan = build_plan(dense_model, x, round_to=args.round_to, dtype="fp32", memory_format=args.memory_format)
+        plan = build_plan(dense_model, x, round_to=args.round_to, dtype=args.dtype, memory_format=args.memory_format)
         lm = LatencyModel(plan, table)
         layer_sum = lm.layer_sum()
         dense_ms = min(e2e(dense_model) for _ in range(2))
@@ -382,7 +481,7 @@ def main(argv=None) -> int:
         return {"dense_ms": dense_ms, "layer_sum": layer_sum, "narrow_sum": narrow_sum, "narrow_ms": narrow_ms,
                 "a": a, "b": b, "how": how, "floor_pred": a * narrow_sum + b}
 
-    configs = plan_configs(args.model, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
+    configs = plan_configs(args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
                            round_to=args.round_to)
     store = TableStore(str(tables_root))
     table_missing = len({c.key for c in configs} - store.measured_keys(device.key))
@@ -399,8 +498,9 @@ def main(argv=None) -> int:
 
     opts = {k: v for k, v in vars(args).items()}
     est = estimate(opts, threads, len(configs), train_n, test_n, len(methods) * len(budgets), budgets,
-                   dense_path.is_file(), table_missing)
-    print(f"# CIFAR-10 accuracy of pruned variants: {args.model} ({'quick' if args.quick else 'full'} preset"
+                   dense_path.is_file() or bool(args.dense_weights), table_missing)
+    print(f"# CIFAR-10 accuracy of pruned variants: {args.model} "
+          f"({'gpu' if args.gpu else 'quick' if args.quick else 'full'} preset"
           f"{'; ResNet-20 because --quick' if args.quick and args.model == 'resnet20' else ''})")
     print(f"machine   {device.name} ({platform.machine()}), {threads} training / {args.timing_threads} timing "
           f"thread(s) of {os.cpu_count()} CPUs, "
@@ -409,29 +509,37 @@ def main(argv=None) -> int:
     print(f"date      {datetime.now(timezone.utc).isoformat(timespec='seconds')}   git {_git_commit()}")
     print(f"options   {json.dumps(opts, sort_keys=True)}")
     print(f"data      {data_path}: {train_n} train / {test_n} test images (seed {args.seed})")
-    print(f"table     {tables_root} device {device.key}: batch {args.batch} fp32 {args.memory_format} "
+    print(f"table     {tables_root} device {device.key}: batch {args.batch} {args.dtype} {args.memory_format} "
           f"round_to {args.round_to} "
           f"({len(configs)} configurations, {table_missing} to profile), protocol {args.timing} "
           f"{json.dumps(protocol.to_dict())}")
-    print(f"dense     {dense_path.name}{' (cached)' if dense_path.is_file() else ''}: {args.dense_epochs} epochs, "
-          f"SGD lr {args.dense_lr} cosine, batch 128, wd 5e-4")
+    if args.dense_weights:
+        print(f"dense     {args.dense_weights} (given)")
+    else:
+        print(f"dense     {dense_path.name}{' (cached)' if dense_path.is_file() else ''}: {args.dense_epochs} epochs, "
+              f"SGD lr {args.dense_lr} cosine, batch 128, wd 5e-4{', ' + json.dumps(gpu_train) if gpu_train else ''}")
+    how = (f"each from prune's closed loop on {device.key} (up to {args.verify_rounds} rounds)" if closed else
+           f"each calibrated to the budget by measurement ({args.calibrate} rounds, tolerance {args.latency_tol:.0%})")
     print(f"pruning   methods {', '.join(methods)}; budgets {', '.join(f'{b:g}' for b in budgets)} of the dense "
-          f"latency measured here; K={args.steps} steps; same table for every method, each calibrated to the "
-          f"budget by measurement ({args.calibrate} rounds, tolerance {args.latency_tol:.0%})")
+          f"latency measured here; K={args.steps} steps; same table for every method, {how}")
     print(f"finetune  {args.finetune_epochs:g} epochs = {ft_total} iterations per variant: {iters_per_step} after each "
           f"of the {args.steps} steps (constant lr {args.finetune_lr}, masks enforced) + {final_iters} final "
           f"(cosine {args.finetune_lr} -> 0, pruned net)")
-    print("estimate  " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in est.items()) +
-          f"; total {_fmt_s(sum(est.values()))} on a quiet machine")
+    if on_gpu:
+        print("estimate  none on cuda (the CPU timings above do not apply; scripts/gpu_accuracy.sh budgets its "
+              "phases by measurement and --stop-at)")
+    else:
+        print("estimate  " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in est.items()) +
+              f"; total {_fmt_s(sum(est.values()))} on a quiet machine")
     sys.stdout.flush()
     if args.dry_run:
         return 0
 
     # -- table (the profile verb, no Ray; rows already there are not measured again)
     t = time.perf_counter()
-    summary = profile(args.model, batch=args.batch, dtype="fp32", memory_format=args.memory_format,
+    summary = profile(args.model, batch=args.batch, dtype=args.dtype, memory_format=args.memory_format,
                       round_to=args.round_to, tables=str(tables_root), devices=device.key, ray_address="none",
-                      threads=args.timing_threads, protocol=protocol)
+                      threads=None if on_gpu else args.timing_threads, protocol=protocol)
     phases["profile"] = time.perf_counter() - t
     print(f"[profile] {summary.measured} measured ({table_missing} were missing), {summary.failed} failed, "
           f"{phases['profile']:.1f} s", flush=True)
@@ -477,14 +585,18 @@ def main(argv=None) -> int:
     # -- dense model
     t = time.perf_counter()
     dense = models.create(args.model)
-    if dense_path.is_file():
+    if args.dense_weights:
+        dense = models.create(args.model, weights=args.dense_weights)
+        print(f"[dense] loaded {args.dense_weights}")
+    elif dense_path.is_file():
         dense.load_state_dict(torch.load(dense_path, map_location="cpu", weights_only=True))
         meta = json.loads(dense_meta_path.read_text()) if dense_meta_path.is_file() else {}
         print(f"[dense] loaded cached {dense_path} (trained in {meta.get('train_s', float('nan')):.0f} s)")
     else:
         cfg = TrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, seed=args.seed, threads=threads,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), **gpu_train)
         res = train(dense, data, cfg, checkpoint=cache / "dense" / f"{tag}.state.pt")
+        dense.cpu().to(memory_format=torch.contiguous_format)
         save_weights(dense, dense_path)
         it_s = [h.seconds / max(h.iterations, 1) for h in res.history]
         meta = {"train_s": sum(h.seconds for h in res.history), "sec_per_iter": sum(it_s) / max(len(it_s), 1),
@@ -493,8 +605,18 @@ def main(argv=None) -> int:
         print(f"[dense] trained {args.dense_epochs} epochs in {meta['train_s']:.0f} s "
               f"({meta['sec_per_iter']:.3f} s/iteration, last loss {res.history[-1].train_loss:.3f})")
     phases["dense_train"] = time.perf_counter() - t
+    eval_data = data.to(train_dev) if on_gpu else data
+
+    def top1_of(net):
+        """Test metrics in fp32 on the training device; the network is left on the CPU."""
+        net.to(train_dev)
+        try:
+            return measure(net, eval_data, device=train_dev)
+        finally:
+            net.cpu()
+
     t = time.perf_counter()
-    dense_top1 = measure(dense, data).top1
+    dense_top1 = top1_of(dense).top1
     phases["evaluation"] = time.perf_counter() - t
     dense_params, dense_macs = count_params_macs(dense, shape)
 
@@ -529,12 +651,32 @@ def main(argv=None) -> int:
         return {"coupled_reduce": args.sp_lamp_reduce} if args.sp_lamp_reduce and method in ("sp_lamp", "uniform") \
             else None
 
-    def run_prune(method: str, rows_ms: float, out: Path, finetune=None):
-        [res] = prune(args.model, tables=str(tables_root), devices=device.key, budget=f"{rows_ms:.6f}ms", out=out,
-                      steps=args.steps, weights=str(dense_path), method=method, batch=args.batch, dtype="fp32",
+    weights_path = Path(args.dense_weights) if args.dense_weights else dense_path
+
+    def run_prune(method: str, rows_ms: float | None, out: Path, finetune=None, fraction: float | None = None):
+        """Open loop at a table-rows budget in ms (the CPU's calibration), or, with ``fraction``, prune's
+        closed loop: the variant measured beside the dense model on this device until it meets the budget."""
+        loop = fraction is not None
+        [res] = prune(args.model, tables=str(tables_root), devices=device.key,
+                      budget=float(fraction) if loop else f"{rows_ms:.6f}ms", out=out,
+                      steps=args.steps, weights=str(weights_path), method=method, batch=args.batch, dtype=args.dtype,
                       memory_format=args.memory_format, round_to=args.round_to, overwrite=True, finetune=finetune,
-                      measure=False, importance_kwargs=importance_kwargs(method))
+                      measure=loop, verify_rounds=args.verify_rounds, importance_kwargs=importance_kwargs(method))
         return res
+
+    dense_record = {"top1": dense_top1, "ms": dense_ms, "how": "floor check", "params": dense_params,
+                    "macs": dense_macs}
+
+    def flush(final: bool = False) -> None:
+        """Rewrite --csv and (until the end) a partial --json: a killed run still leaves its figures."""
+        if args.csv:
+            write_csv(Path(args.csv), args.model, args.seed, dense_record, rows)
+        if args.json and not final:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(
+                {"partial": True, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "device_key": device.key, "options": opts, "dense": dense_record, "variants": rows,
+                 "phases_s": phases}, indent=1, default=str))
 
     def job_name(job: tuple) -> str:
         method, budget, target = job
@@ -577,7 +719,9 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     jobs = [(m, b, b) for b in budgets for m in methods]
-    if args.calibrate > 0:
+    if closed:
+        plan_rows = {j: {"rows_ms": None} for j in jobs}  # prune's closed loop finds each variant's budget
+    elif args.calibrate > 0:
         plan_rows = calibrate(jobs)
         # Uniform widths move in coarse steps (one ratio for every group, rounded up to round_to) and often
         # land well under the budget: SP-LAMP is then also pruned to uniform's measured latency.
@@ -593,10 +737,19 @@ def main(argv=None) -> int:
 
     # Step 2: the real runs, with the per-step and final fine-tuning, at the calibrated rows budgets.
     phases["variants_prune"] = phases["variants_finetune_final"] = 0.0
-    for job in jobs:
+    flush()
+    last_job_s = 0.0
+    for job in jobs:  # on the GPU, SP-LAMP at uniform's latency is appended once uniform has been measured
         method, budget, target = job
         row = {"model": args.model, "budget": budget, "budget_ms": budget * dense_ms, "method": method,
                "target_fraction": target, "at_uniform": target != budget, **plan_rows[job]}
+        if time.time() + 1.1 * last_job_s > stop_at:
+            row["error"] = "skipped: it would end after --stop-at"
+            rows.append(row)
+            flush()
+            print(f"[{job_name(job)}] skipped: not enough time left before --stop-at", flush=True)
+            continue
+        job_t0 = time.perf_counter()
         if "error" in plan_rows[job]:
             rows.append(row)
             print(f"[{job_name(job)}] failed in calibration: {row['error']}", flush=True)
@@ -607,49 +760,88 @@ def main(argv=None) -> int:
             if iters_per_step < 1:
                 return None
             return make_finetune_hook(data, iters_per_step=iters_per_step, lr=args.finetune_lr,
-                                      min_lr=args.finetune_lr, seed=args.seed, threads=threads)
+                                      min_lr=args.finetune_lr, seed=args.seed, threads=threads, **gpu_train)
 
         try:
-            res = run_prune(method, plan_rows[job]["rows_ms"], variants_root / job_name(job), finetune)
+            res = run_prune(method, plan_rows[job]["rows_ms"], variants_root / job_name(job), finetune,
+                            fraction=target if closed else None)
         except FleetpruneError as exc:
             row["error"] = str(exc)
             rows.append(row)
+            flush()
             print(f"[{job_name(job)}] failed: {exc}", flush=True)
             continue
+        if closed and res.measured_ms and res.dense_measured_ms:
+            row.update(measured_ms=res.measured_ms, dense_ms=res.dense_measured_ms,
+                       measured_fraction=res.measured_ms / res.dense_measured_ms,
+                       measured_how="closed loop: beside the dense model in prune", verification=res.verdict)
+            if method == "uniform" and target == budget and "sp_lamp" in methods \
+                    and row["measured_fraction"] < budget * (1 - tol):
+                extra_job = ("sp_lamp", budget, row["measured_fraction"])
+                plan_rows[extra_job] = {"rows_ms": None}
+                jobs.append(extra_job)
         row["prune_s"] = time.perf_counter() - t
         phases["variants_prune"] += row["prune_s"]
         model = res.model
         t = time.perf_counter()
         if final_iters > 0:
             hook = make_finetune_hook(data, iters_per_step=final_iters, lr=args.finetune_lr, min_lr=0.0,
-                                      seed=args.seed + 1, threads=threads, progress=sys.stderr.isatty())
+                                      seed=args.seed + 1, threads=threads, progress=sys.stderr.isatty(),
+                                      **gpu_train)
             stats = hook(model, args.steps + 1)
             row["final_loss"] = stats.train_loss
             save_weights(model, Path(res.folder) / "weights.pt")  # the folder holds the final variant
         row["final_finetune_s"] = time.perf_counter() - t
         phases["variants_finetune_final"] += row["final_finetune_s"]
         t = time.perf_counter()
-        met = measure(model, data)
+        met = top1_of(model)
         phases["evaluation"] += time.perf_counter() - t
         params, macs = count_params_macs(model, shape)
         row.update(top1=met.top1, test_loss=met.loss, predicted_ms=a_fit * res.predicted_ms + b_fit,
                    predicted_rows_ms=res.predicted_ms, params=params, macs=macs, widths=res.widths,
-                   steps=res.report.get("steps"), folder=str(res.folder))
+                   steps=res.report.get("steps"), folder=str(res.folder), finetune_iters=ft_total)
         rows.append(row)
-        print(f"[{job_name(job)}] top-1 {met.top1:.2%}, rows budget {plan_rows[job]['rows_ms']:.3f} ms, predicted "
+        last_job_s = time.perf_counter() - job_t0
+        flush()
+        where = (f"measured {row['measured_fraction']:.3f} of dense ({row.get('verification', '')})"
+                 if "measured_fraction" in row else f"rows budget {plan_rows[job]['rows_ms']:.3f} ms")
+        print(f"[{job_name(job)}] top-1 {met.top1:.2%}, {where}, predicted "
               f"{row['predicted_ms']:.4f} ms, {params} params, {macs / 1e6:.2f} MMACs; prune+step fine-tune "
               f"{row['prune_s']:.0f} s, final fine-tune {row['final_finetune_s']:.0f} s", flush=True)
 
     # Step 3: every final variant and the dense model measured side by side in a fresh process.
     t = time.perf_counter()
     done = [r for r in rows if "folder" in r]
-    final = measure_fresh([r["folder"] for r in done], args.model, args.batch, args.memory_format,
-                          args.timing_threads, args.final_rounds, args.final_processes,
-                          variants_root / "measured.json")
-    final_dense_ms = final["dense"]["ms"]
-    for r in done:
-        r["measured_ms"] = final[r["folder"]]["ms"]
-        r["measured_fraction"] = final[r["folder"]]["fraction_of_dense"]
+    final_dense_ms = dense_ms
+    if closed:
+        # GPU latencies repeat between rounds: every final variant beside the dense model, in this process.
+        if time.time() + 2.0 * (len(done) + 1) * args.final_rounds > stop_at:
+            print("[measure] skipped the final side-by-side measurement (--stop-at): the fractions are the "
+                  "closed loop's", flush=True)
+        else:
+            from fleetprune import load_variant
+
+            nets = [dense] + [load_variant(r["folder"]) for r in done]
+            got = measure_networks(nets, (args.batch, *shape), device, args.dtype, args.memory_format, protocol,
+                                   rounds=args.final_rounds)
+            final_dense_ms = protocol.latency(got[0])
+            for r, m in zip(done, got[1:]):
+                r["measured_ms"], r["dense_ms"] = protocol.latency(m), final_dense_ms
+                r["measured_fraction"] = r["measured_ms"] / final_dense_ms
+                r["measured_how"] = f"side by side with the dense model in {args.final_rounds} interleaved rounds"
+            dense_record.update(ms=final_dense_ms, how="side by side with every variant")
+    else:
+        final = measure_fresh([r["folder"] for r in done], args.model, args.batch, args.memory_format,
+                              args.timing_threads, args.final_rounds, args.final_processes,
+                              variants_root / "measured.json")
+        final_dense_ms = final["dense"]["ms"]
+        for r in done:
+            r["measured_ms"] = final[r["folder"]]["ms"]
+            r["dense_ms"] = final_dense_ms
+            r["measured_fraction"] = final[r["folder"]]["fraction_of_dense"]
+            r["measured_how"] = f"side by side in {args.final_processes} fresh processes x {args.final_rounds} rounds"
+        dense_record.update(ms=final_dense_ms, how="side by side with every variant")
+    flush(final=True)
     phases["variants_latency"] = time.perf_counter() - t
 
     wall = time.perf_counter() - wall0
@@ -664,14 +856,17 @@ def main(argv=None) -> int:
             table_rows.append([r["model"], f"{r['budget']:g}", label, "failed", "-", "-", f"{r['target_fraction']:.3f}",
                                "-", "-", "-"])
         else:
-            table_rows.append([r["model"], f"{r['budget']:g}", label, f"{r['top1']:.2%}", f"{r['measured_ms']:.3f}",
-                               f"{r['measured_fraction']:.3f}", f"{r['target_fraction']:.3f}",
+            table_rows.append([r["model"], f"{r['budget']:g}", label, f"{r['top1']:.2%}",
+                               f"{r.get('measured_ms', math.nan):.3f}",
+                               f"{r.get('measured_fraction', math.nan):.3f}", f"{r['target_fraction']:.3f}",
                                f"{r['predicted_ms']:.3f}", str(r["params"]), f"{r['macs'] / 1e6:.2f}"])
     print()
     print(_table(header, table_rows))
-    print(f"(measured = every variant and the dense model side by side in {args.final_processes} fresh processes x "
+    where = "this process" if closed else f"{args.final_processes} fresh processes"
+    print(f"(measured = every variant and the dense model side by side in {where} x "
           f"{args.final_rounds} interleaved rounds, best kept; of dense = measured / dense measured in the same "
-          f"rounds; target = the fraction each was calibrated to; predicted = {a_fit:.4f} * table rows "
+          f"rounds; target = the fraction each was {'pruned to by the closed loop' if closed else 'calibrated to'}; "
+          f"predicted = {a_fit:.4f} * table rows "
           f"{b_fit:+.4f} ms, {fl['how']} through the dense and the narrowest network)")
     goals = check_goals(rows, budgets, tol)
     for line in goals["lines"]:
@@ -691,7 +886,7 @@ def main(argv=None) -> int:
                       "layer_sum_ms": layer_sum, "fit_a": a_fit, "fit_b_ms": b_fit,
                       "fit": fl["how"], "narrow_layer_sum_ms": fl["narrow_sum"],
                       "floor_predicted_ms": floor_pred, "floor_measured_ms": floor_ms, "params": dense_params,
-                      "macs": dense_macs, "checkpoint": str(dense_path)},
+                      "macs": dense_macs, "checkpoint": str(weights_path)},
             "variants": rows, "goals": goals, "phases_s": phases, "wall_s": wall, "estimate_s": est,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -718,7 +913,7 @@ def check_goals(rows: list[dict], budgets: list[float], latency_tol: float = 0.0
             if base is None or sp is None:
                 continue
             gap = sp["top1"] - base["top1"]
-            lat = sp["measured_fraction"] / base["measured_fraction"] - 1
+            lat = sp.get("measured_fraction", math.nan) / base.get("measured_fraction", math.nan) - 1
             equal = lat <= latency_tol
             need = 0.01 if (m == "uniform" and abs(b - 0.25) < 1e-9) else 0.0
             passed = equal and gap >= need - 1e-12

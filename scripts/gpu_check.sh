@@ -7,7 +7,10 @@
 # prune_report.json, validation.csv and table.csv. The figures are absolute GPU times.
 #
 #   bash scripts/gpu_check.sh --fetch      # here, once: the torch-pruning wheel into .wheels/ (git-ignored)
+#                                          # and the CIFAR-10 file into .benchcache/gpu/ (for --accuracy)
 #   device run, carry [".wheels"], command "bash scripts/gpu_check.sh"            # there
+#   device run, carry [".wheels", ".benchcache/gpu"], timeout_s 540,
+#       command "bash scripts/gpu_check.sh --accuracy"    # issue 15 instead: scripts/gpu_accuracy.sh
 #   DEVICES=cpu MODEL=resnet18 DTYPE=fp32 INPUT=64 BATCH=2 VARIANTS=2 STEPS=2 OUT=/tmp/gc \
 #       PY=.venv/bin/python bash scripts/gpu_check.sh                             # smoke run on a CPU
 #
@@ -20,8 +23,14 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--fetch" ]; then
   version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch-pruning"))')
-  .venv/bin/python -m pip download --no-deps -d .wheels "torch-pruning==$version"
+  ls .wheels/torch_pruning-"$version"-*.whl >/dev/null 2>&1 \
+    || .venv/bin/python -m pip download --no-deps -d .wheels "torch-pruning==$version"
+  data=${FLEETPRUNE_CIFAR:-../shared/data/cifar10-jpeg.parquet}
+  if [ -f "$data" ]; then mkdir -p .benchcache/gpu && cp -u "$data" .benchcache/gpu/cifar10-jpeg.parquet; fi
   exit 0
+fi
+if [ "${1:-}" = "--accuracy" ]; then
+  exec bash scripts/gpu_accuracy.sh
 fi
 
 PY=${PY:-python3}

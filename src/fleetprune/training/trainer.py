@@ -5,6 +5,12 @@ One loop serves two callers: :func:`train` (a dense model, epochs, resumable che
 take an ``after_step``/``reapply`` callable run under ``torch.no_grad()`` after every optimizer step,
 which is how the pruner keeps masked channels at zero: weight decay and momentum would otherwise
 move them off zero again.
+
+On a GPU, three opt-in settings of :class:`TrainConfig` make the loop device-bound rather than
+host-bound: ``data_on_device`` (the decoded uint8 images live on the device and are augmented
+there, :meth:`ImageData.device_batches`), ``channels_last`` (NHWC model and batches) and ``amp``
+(``bf16`` or ``fp16`` autocast; fp16 with a gradient scaler). All three also run on a CPU (fp16
+autocast excepted), so the GPU path can be smoke-tested anywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fleetprune.errors import ModelError
+from fleetprune.errors import DeviceError, ModelError
 from fleetprune.training.data import ImageData
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,11 @@ class TrainConfig:
         device: where to train; None keeps the model where it is.
         progress: show a tqdm bar per epoch.
         eval_every: evaluate on ``test`` every this many epochs (0: never during training).
+        data_on_device: copy the decoded images to ``device`` once and augment them there
+            (:meth:`ImageData.device_batches`; the same batches as the host path).
+        channels_last: train in NHWC (model and batches); the usual choice on tensor-core GPUs.
+        amp: mixed precision for forward and loss: None (fp32), ``"bf16"`` or ``"fp16"`` (CUDA
+            only; with a gradient scaler). Weights and optimizer state stay fp32.
     """
 
     epochs: int = 200
@@ -71,6 +82,9 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     eval_every: int = 0
+    data_on_device: bool = False
+    channels_last: bool = False
+    amp: str | None = None
 
 
 @dataclass
@@ -135,9 +149,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
 
 
 def measure(model: nn.Module, data: ImageData, split: str = "test", *, batch_size: int = 500,
-            device: str | torch.device | None = None, progress: bool = False) -> Metrics:
-    """Top-1 and mean loss of ``model`` on ``split``, in eval mode, without augmentation."""
+            device: str | torch.device | None = None, progress: bool = False,
+            amp: str | None = None, channels_last: bool = False) -> Metrics:
+    """Top-1 and mean loss of ``model`` on ``split``, in eval mode, without augmentation.
+
+    ``data`` may already live on the device (:meth:`ImageData.to`); ``amp`` and
+    ``channels_last`` as in :class:`TrainConfig` (the loss is computed in fp32).
+    """
     dev = _device(model, device)
+    autocast = _autocast(dev, amp)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
@@ -145,7 +165,11 @@ def measure(model: nn.Module, data: ImageData, split: str = "test", *, batch_siz
     try:
         with torch.no_grad():
             for x, y in data.batches(split, batch_size, device=dev):
-                out = model(x)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    out = model(x)
+                out = out.float()
                 loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
                 correct += int((out.argmax(1) == y).sum())
                 n += int(y.numel())
@@ -180,7 +204,12 @@ def train(
         ModelError: the checkpoint does not fit the model, or the loss became non-finite.
     """
     dev = _device(model, config.device)
+    _autocast(dev, config.amp)  # an unusable setting fails before any work
     model.to(dev)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    source = data.to(dev) if config.data_on_device else data
+    scaler = _scaler(dev, config.amp)
     with _threads(config.threads):
         torch.manual_seed(config.seed)
         optimizer = make_optimizer(model, config)
@@ -198,14 +227,15 @@ def train(
         schedule = lambda it: cosine_lr(it, total, config.lr, warmup=warmup,  # noqa: E731
                                         min_lr=config.min_lr)
         for epoch in range(result.start_epoch, config.epochs):
-            batches = data.batches("train", config.batch_size, augment=True, shuffle=True,
-                                   seed=config.seed, epoch=epoch, drop_last=True, device=dev)
+            batches = source.batches("train", config.batch_size, augment=True, shuffle=True,
+                                     seed=config.seed, epoch=epoch, drop_last=True, device=dev)
             stats = _run(model, optimizer, batches, per_epoch, config, schedule,
                          first_it=epoch * per_epoch, after_step=after_step,
-                         desc=f"epoch {epoch + 1}/{config.epochs}")
+                         desc=f"epoch {epoch + 1}/{config.epochs}", scaler=scaler)
             stats.epoch = epoch + 1
             if config.eval_every and (epoch + 1) % config.eval_every == 0:
-                stats.test_top1 = evaluate(model, data, "test", device=dev)
+                stats.test_top1 = evaluate(model, source, "test", device=dev, amp=config.amp,
+                                           channels_last=config.channels_last)
             result.history.append(stats)
             result.epochs_done = epoch + 1
             log.info("epoch %d/%d: loss %.4f, train top-1 %.4f, lr %.4g, %.1f s%s",
@@ -231,6 +261,11 @@ class FinetuneHook:
 
     ``reapply(model)`` is called under ``torch.no_grad()`` once before training and after every
     optimizer step, so masked (zeroed) channels stay exactly zero.
+
+    With ``config.device`` set (a GPU, say), each call moves the model there for its burst and back
+    to where it came from afterwards (and back to the default memory format after a
+    ``channels_last`` burst), so a pruner that works on the CPU never sees the move. Parameters
+    keep their identity across moves, so the optimizer and its momentum carry over.
     """
 
     def __init__(self, data: ImageData, config: TrainConfig | None = None, *,
@@ -249,12 +284,30 @@ class FinetuneHook:
         self._params: list[tuple[int, tuple[int, ...]]] = []
         self._stream: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._stream_device: torch.device | None = None
+        self._scaler = None
 
     def __call__(self, model: nn.Module, step: int, reapply: AfterStep | None = None
                  ) -> EpochStats:
         cfg = self.config
+        home = _device(model, None)
         dev = _device(model, cfg.device)
+        _autocast(dev, cfg.amp)
         model.to(dev)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            stats = self._burst(model, step, reapply, dev)
+        finally:
+            if cfg.channels_last:
+                model.to(memory_format=torch.contiguous_format)
+            model.to(home)
+        return stats
+
+    def _burst(self, model: nn.Module, step: int, reapply: AfterStep | None, dev: torch.device
+               ) -> EpochStats:
+        cfg = self.config
+        if self._scaler is None:
+            self._scaler = _scaler(dev, cfg.amp)
         with _threads(cfg.threads):
             if self.calls == 0:
                 torch.manual_seed(cfg.seed)
@@ -275,7 +328,7 @@ class FinetuneHook:
                 total, first = n, 0
             schedule = lambda it: cosine_lr(it, total, cfg.lr, min_lr=cfg.min_lr)  # noqa: E731
             stats = _run(model, self._optimizer, self._stream, n, cfg, schedule, first_it=first,
-                         after_step=reapply, desc=f"fine-tune step {step}")
+                         after_step=reapply, desc=f"fine-tune step {step}", scaler=self._scaler)
         stats.epoch = step
         self.calls += 1
         log.info("fine-tune step %s: %d iterations, loss %.4f, top-1 %.4f, %.1f s",
@@ -283,11 +336,12 @@ class FinetuneHook:
         return stats
 
     def _batches(self, dev: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        source = self.data.to(dev) if self.config.data_on_device else self.data
         epoch = 0
         while True:
-            yield from self.data.batches("train", self.config.batch_size, augment=True,
-                                         shuffle=True, seed=self.config.seed, epoch=epoch,
-                                         drop_last=True, device=dev)
+            yield from source.batches("train", self.config.batch_size, augment=True,
+                                      shuffle=True, seed=self.config.seed, epoch=epoch,
+                                      drop_last=True, device=dev)
             epoch += 1
 
 
@@ -306,8 +360,11 @@ def make_finetune_hook(data: ImageData, epochs_per_step: float | None = None, *,
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write ``model.state_dict()`` (tensors only, no pickled modules) atomically."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Write ``model.state_dict()`` (tensors only, no pickled modules) atomically.
+
+    Tensors are written contiguous on the CPU, whatever device and memory format trained them.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return _atomic_save(state, Path(path))
 
 
@@ -378,9 +435,10 @@ def _atomic_save(obj, path: Path) -> Path:
 def _run(model: nn.Module, optimizer: torch.optim.Optimizer,
          batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iterations: int,
          config: TrainConfig, schedule: Callable[[int], float], *, first_it: int,
-         after_step: AfterStep | None, desc: str) -> EpochStats:
+         after_step: AfterStep | None, desc: str, scaler=None) -> EpochStats:
     """``iterations`` optimizer steps over ``batches``; returns running loss and top-1."""
     model.train()
+    autocast = _autocast(_device(model, None), config.amp)
     # Running sums stay on the model's device; reading them syncs, so only every 20 steps.
     loss_sum = correct = None
     seen, done, lr = 0, 0, config.lr
@@ -391,11 +449,20 @@ def _run(model: nn.Module, optimizer: torch.optim.Optimizer,
             lr = schedule(first_it + i)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = model(x)
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                out = model(x)
+            out = out.float()
             loss = nn.functional.cross_entropy(out, y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             if after_step is not None:
                 with torch.no_grad():
                     after_step(model)
@@ -423,6 +490,29 @@ def _run(model: nn.Module, optimizer: torch.optim.Optimizer,
     return EpochStats(epoch=0, train_loss=float(loss_sum or 0.0) / max(seen, 1),
                       train_top1=int(correct or 0) / max(seen, 1), lr=lr, iterations=done,
                       seconds=time.perf_counter() - start)
+
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(dev: torch.device, amp: str | None):
+    """The autocast context for ``amp`` on ``dev`` (a no-op context for fp32).
+
+    Raises:
+        DeviceError: an unknown setting, or fp16 on a CPU.
+    """
+    if amp in (None, "", "none", "fp32"):
+        return contextlib.nullcontext()
+    if amp not in _AMP:
+        raise DeviceError(f"unknown mixed-precision setting {amp!r}; use bf16, fp16 or none")
+    if amp == "fp16" and dev.type != "cuda":
+        raise DeviceError(f"fp16 autocast needs a CUDA device (training on {dev}); use bf16 or none")
+    return torch.autocast(dev.type, dtype=_AMP[amp])
+
+
+def _scaler(dev: torch.device, amp: str | None):
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    return torch.amp.GradScaler(dev.type) if amp == "fp16" else None
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
