@@ -52,7 +52,7 @@ MODELS=${MODELS:-resnet20 resnet56}
 SEED=${SEED:-0}
 if [ "$DEVICE" = cpu ]; then
   # Smoke run: a few hundred images, one epoch, quick timing, everything else as on the GPU.
-  BUDGET_S=${BUDGET_S:-1500}; EPOCHS=${EPOCHS:-1}; SUBSET=${SUBSET:-256}; TEST=${TEST:-200}
+  BUDGET_S=${BUDGET_S:-1500}; EPOCHS=${EPOCHS-1}; SUBSET=${SUBSET:-256}; TEST=${TEST:-200}
   LAT_BATCH=${LAT_BATCH:-16}; DTYPE=${DTYPE:-fp32}; TRAIN_BATCH=${TRAIN_BATCH:-64}; STEPS=${STEPS:-2}
   FT_EPOCHS=${FT_EPOCHS:-0.5}; VERIFY_ROUNDS=${VERIFY_ROUNDS:-2}; FINAL_ROUNDS=${FINAL_ROUNDS:-1}
   PROFILE_ARGS=(--devices cpu --threads 1 --quick); BENCH_ARGS=(--device cpu --timing quick --closed-loop

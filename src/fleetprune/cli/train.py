@@ -141,7 +141,7 @@ def _command(args: argparse.Namespace) -> str:
 
     words = ["fleetprune", "train", args.model]
     for key, value in sorted(vars(args).items()):
-        if key in ("model", "func", "command", "verb") or value is None or value is False:
+        if key in ("model", "func", "command", "verb", "verbose") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         words += [flag] if value is True else [flag, str(value)]
